@@ -1,0 +1,3 @@
+from vitdiag.cli import main
+
+main()

@@ -1,0 +1,93 @@
+"""The Typer app. Commands are thin: they parse options and call the library.
+
+Nothing here imports torch or timm at module level, so `vitdiag --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from vitdiag import __version__
+
+app = typer.Typer(
+    name="vitdiag",
+    help="Diagnostics for Vision Transformer checkpoints: what is wrong with a model, in numbers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vitdiag {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks for errors.", envvar="VITDIAG_DEBUG")
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+def friendly_errors(fn):
+    """Bad input becomes one line on stderr and exit code 2; --debug shows the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from vitdiag.errors import CheckFailed, VitdiagError
+
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except VitdiagError as e:
+            if _state["debug"]:
+                raise
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except CheckFailed:
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except Exception as e:  # an unexpected failure: still one line unless --debug
+            if _state["debug"]:
+                raise
+            typer.echo(
+                f"error: {type(e).__name__}: {e} (this looks like a vitdiag bug; rerun with "
+                "--debug for the traceback and report it)",
+                err=True,
+            )
+            raise typer.Exit(3) from None
+
+    return wrapper
+
+
+def _register() -> None:
+    from vitdiag.commands import evaluate, info
+
+    app.command("info")(friendly_errors(info.info))
+    app.command("eval")(friendly_errors(evaluate.evaluate))
+
+
+_register()
+
+
+def main() -> None:
+    if os.environ.get("VITDIAG_DEBUG") and "--debug" not in sys.argv:
+        _state["debug"] = True
+    app()

@@ -1,0 +1,1 @@
+"""One module per CLI command; each function is a Typer command with typed options."""

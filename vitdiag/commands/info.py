@@ -1,0 +1,64 @@
+"""`vitdiag info`: what model is this, and how did vitdiag decide?"""
+
+from __future__ import annotations
+
+from vitdiag import options as o
+from vitdiag.commands.common import console, load_model
+
+
+def info(
+    ckpt: o.Checkpoint = None,
+    arch: o.Arch = None,
+    ema: o.Ema = False,
+    unsafe_pickle: o.UnsafePickle = False,
+    model_arg: o.ModelArg = None,
+    native_size: o.NativeSize = None,
+    json_out: o.JsonOut = None,
+) -> None:
+    """Show the architecture, how it was decided, and every assumption with its override."""
+    from rich.table import Table
+
+    from vitdiag.model import describe
+    from vitdiag.results import document, dumps, write_atomic
+
+    loaded = load_model(
+        ckpt, arch, ema=ema, unsafe_pickle=unsafe_pickle, model_arg=model_arg, native_size=native_size
+    )
+    desc = describe(loaded)
+    to_stdout = json_out is not None and str(json_out) == "-"
+    out = console(stderr=to_stdout)
+    t = Table(title="Model", show_header=False, title_justify="left")
+    t.add_column("field")
+    t.add_column("value")
+    prov = loaded.provenance
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    rows = [
+        ("source", str(prov.get("path") or "(random weights)")),
+        ("format", str(prov.get("format", "–"))),
+        ("sha256", str(prov.get("sha256") or "–")),
+        ("architecture", loaded.arch),
+        ("family", loaded.family.label),
+        ("decided by", str(prov.get("decided_by", "–"))),
+        ("classes", str(loaded.num_classes)),
+        ("parameters", f"{n_params:,}"),
+        ("native size", "x".join(map(str, loaded.native_size))),
+        ("built at", "x".join(map(str, loaded.img_size))),
+        ("absolute position table", "yes" if loaded.family.pos_embed else "no"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    out.print(t)
+    a = Table(title="Assumptions", title_justify="left")
+    for col in ("what", "value", "decided from", "override with"):
+        a.add_column(col)
+    for item in loaded.assumptions:
+        a.add_row(item.name, str(item.value), item.source, item.override)
+    out.print(a)
+    if json_out is not None:
+        text = dumps(document("info", [], desc, None))
+        if to_stdout:
+            import sys
+
+            sys.stdout.write(text)
+        else:
+            write_atomic(json_out, text.encode())

@@ -1,0 +1,340 @@
+"""The single pass: one forward per batch, taps handed to every probe, sums reduced across ranks.
+
+Taps come from forward hooks placed where the family table says (`families.py`), not from
+timm's `forward_intermediates`: hooks give block outputs, the final features, pre-logits and
+logits from one ordinary forward, for every family alike, whereas `forward_intermediates` would
+need a second call (or per-family handling of its return value) to reach the logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vitdiag.errors import VitdiagError
+from vitdiag.families import NCHW, NHWC, NLC, PIT, LayerTap, family_of, module_at
+from vitdiag.probes.base import FEATURES, LAYERS, LOGITS, PRELOGITS, Probe, Taps
+from vitdiag.results import Result
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """`auto` picks CUDA, then MPS, then CPU; an explicit device that is absent is an error."""
+    spec = (spec or "auto").lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise VitdiagError(
+            f"--device {spec!r} is not a device; use auto, cpu, cuda, cuda:N or mps."
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VitdiagError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise VitdiagError(
+                f"--device {spec} does not exist: {torch.cuda.device_count()} CUDA device(s) visible."
+            )
+    if device.type == "mps" and not (torch.backends.mps.is_available()):
+        raise VitdiagError("--device mps was asked for but MPS is not available; use --device cpu.")
+    return device
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp not in AMP_DTYPES:
+        raise VitdiagError(f"--amp {amp!r} is not known; use off, bf16 or fp16.")
+    dtype = AMP_DTYPES[amp]
+    if dtype is torch.float16 and device.type == "cpu":
+        raise VitdiagError("--amp fp16 needs a GPU; on the CPU use --amp bf16 or --amp off.")
+    return dtype
+
+
+@dataclass
+class RunContext:
+    """How the model runs in this pass; probes that need extra forwards call `forward`."""
+
+    model: torch.nn.Module
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    seed: int = 0
+    loaded: Any = None
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def forward(self, images: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """(features, pre-logits, logits) for a batch, in float32."""
+        with torch.inference_mode(), self.autocast():
+            feats = self.model.forward_features(self.prepare(images))
+            pre = self.model.forward_head(feats, pre_logits=True)
+            logits = self.model.forward_head(feats)
+        return _float(feats), _float(pre), _float(logits)
+
+
+def _float(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.float()
+    if isinstance(x, (tuple, list)):
+        return type(x)(_float(v) for v in x)
+    return x
+
+
+def split_tokens(value: Any, tap: LayerTap) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Turn what a hook saw into (grid tokens (B, n, D), prefix tokens (B, p, D) or None)."""
+    if tap.layout == PIT:
+        x, prefix = value
+        return x.flatten(2).transpose(1, 2).float(), prefix.float()
+    if isinstance(value, (tuple, list)):
+        value = value[0]
+    if tap.layout == NLC:
+        p = tap.num_prefix
+        return value[:, p:].float(), (value[:, :p].float() if p else None)
+    if tap.layout == NHWC:
+        b, h, w, d = value.shape
+        return value.reshape(b, h * w, d).float(), None
+    if tap.layout == NCHW:
+        return value.flatten(2).transpose(1, 2).float(), None
+    raise ValueError(f"unknown token layout {tap.layout}")
+
+
+class LayerRecorder:
+    """Forward hooks that keep the tokens of every tapped layer for the current batch."""
+
+    def __init__(self, model: torch.nn.Module, taps: Sequence[LayerTap]):
+        self.taps = list(taps)
+        self.seen: dict[str, Any] = {}
+        self._handles = []
+        for tap in self.taps:
+            module = module_at(model, tap.module)
+            if tap.where == "input":
+                hook = module.register_forward_pre_hook(self._pre(tap.name))
+            else:
+                hook = module.register_forward_hook(self._post(tap.name))
+            self._handles.append(hook)
+
+    def _pre(self, name: str):
+        def hook(_module, args):
+            self.seen[name] = args[0]
+
+        return hook
+
+    def _post(self, name: str):
+        def hook(_module, _args, output):
+            self.seen[name] = output
+
+        return hook
+
+    def collect(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        grids, prefixes = {}, {}
+        for tap in self.taps:
+            if tap.name not in self.seen:
+                continue
+            grid, prefix = split_tokens(self.seen[tap.name], tap)
+            grids[tap.name] = grid
+            if prefix is not None:
+                prefixes[tap.name] = prefix
+        self.seen.clear()
+        return grids, prefixes
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+@dataclass
+class RunSummary:
+    results: list[Result]
+    n_images: int
+    n_unreadable: int
+    seconds: float
+    world_size: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+def _batch_parts(batch: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Accept data.Batch objects or plain (images, targets) pairs."""
+    if hasattr(batch, "images"):
+        return batch.images, batch.targets, int(getattr(batch, "n_unreadable", 0))
+    images, targets = batch[0], batch[1]
+    return images, targets, 0
+
+
+def make_progress(total: int | None, quiet: bool):
+    """A rich progress bar on stderr, silent when not a TTY or when asked to be quiet."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    progress = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    return progress
+
+
+def run_probes(
+    model: torch.nn.Module,
+    batches: Iterable[Any],
+    probes: Sequence[Probe],
+    *,
+    device: torch.device | str = "cpu",
+    amp: str = "off",
+    channels_last: bool = False,
+    seed: int = 0,
+    loaded: Any = None,
+    total_images: int | None = None,
+    quiet: bool = True,
+    description: str = "vitdiag",
+) -> RunSummary:
+    """One pass over `batches`: each batch is forwarded once and every probe sees its taps."""
+    if not isinstance(device, torch.device):
+        device = resolve_device(device)
+    amp_dtype = resolve_amp(amp, device)
+    model = model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ctx = RunContext(model, device, amp_dtype, channels_last, seed, loaded)
+
+    needs: set[str] = set()
+    for p in probes:
+        needs |= set(p.needs)
+    recorder = LayerRecorder(model, family_of(model).layer_taps(model)) if LAYERS in needs else None
+    want_pre = PRELOGITS in needs
+    want_logits = LOGITS in needs
+
+    n_images = n_bad = 0
+    start = time.perf_counter()
+    progress = make_progress(total_images, quiet)
+    task = None
+    try:
+        if progress is not None:
+            progress.start()
+            task = progress.add_task(description, total=total_images)
+        for batch in batches:
+            images, targets, bad = _batch_parts(batch)
+            n_bad += bad
+            if images.shape[0] == 0:
+                continue
+            taps = Taps(images=images, targets=targets.to(torch.int64), context=ctx)
+            with torch.inference_mode(), ctx.autocast():
+                x = ctx.prepare(images)
+                feats = model.forward_features(x)
+                if want_pre:
+                    taps.prelogits = _float(model.forward_head(feats, pre_logits=True))
+                if want_logits:
+                    taps.logits = _float(model.forward_head(feats))
+            taps.features = _float(feats) if FEATURES in needs else None
+            taps.images = x
+            taps.targets = taps.targets.to(device)
+            if recorder is not None:
+                taps.layers, taps.prefix = recorder.collect()
+            for probe in probes:
+                probe.update(taps)
+            n_images += images.shape[0]
+            if progress is not None:
+                progress.update(task, advance=images.shape[0])
+    finally:
+        if progress is not None:
+            progress.stop()
+        if recorder is not None:
+            recorder.close()
+
+    world = 1
+    if is_distributed():
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        totals = torch.tensor([n_images, n_bad], dtype=torch.float64)
+        for probe in probes:
+            reduce_probe(probe, device)
+        totals = all_reduce_sum(totals, device)
+        n_images, n_bad = int(totals[0]), int(totals[1])
+    if n_images == 0:
+        raise VitdiagError(
+            "no image could be read from the dataset; check the path and that it holds image files."
+        )
+    results = [p.compute() for p in probes]
+    return RunSummary(results, n_images, n_bad, time.perf_counter() - start, world)
+
+
+# -- torch.distributed -------------------------------------------------------------------------
+
+
+def is_distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group torchrun set up (gloo on CPU, nccl on GPU); (rank, world size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    import torch.distributed as dist
+
+    # nccl reduces CUDA tensors only; gloo is happy with CPU ones.
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    buf = t.to(on).clone()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.to(t.device)
+
+
+def reduce_probe(probe: Probe, device: torch.device) -> None:
+    import torch.distributed as dist
+
+    for name, value in probe.sum_states().items():
+        probe.set_state(name, all_reduce_sum(value, device))
+    cats = probe.cat_states()
+    if cats:
+        local = {k: [v.cpu() for v in vs] for k, vs in cats.items()}
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        merged = {k: [t for part in gathered for t in part[k]] for k in cats}
+        probe.merge_cat_states(merged)
+
+
+def is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not is_distributed() or dist.get_rank() == 0

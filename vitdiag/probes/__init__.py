@@ -1,0 +1,1 @@
+"""Probes: streaming statistics fed by the engine's single pass over the data."""

@@ -1,0 +1,92 @@
+"""The probe interface: declare the taps you need, keep float64 running sums, compute a Result.
+
+Modelled on torchmetrics' ``Metric`` (``add_state`` with a reduction, ``update``/``compute``),
+without its machinery: every state here is a float64 tensor reduced by addition, or a list of
+tensors concatenated across processes, which is all the probes need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from vitdiag.results import Result
+
+# What a probe may ask the engine for.
+LAYERS = "layers"  # grid tokens (and prefix tokens) at every tapped layer
+FEATURES = "features"  # output of forward_features (tokens after the final norm)
+PRELOGITS = "prelogits"  # classifier input, forward_head(..., pre_logits=True)
+LOGITS = "logits"  # model output
+LABELS = "labels"  # the probe is meaningless without labels
+
+
+@dataclass
+class Taps:
+    """What the engine hands every probe for one batch.
+
+    layers / prefix: layer name -> (B, n, D) grid tokens / (B, p, D) prefix tokens (float32).
+    targets: (B,) class indices, -1 where the data has no label.
+    """
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    layers: dict[str, torch.Tensor] = field(default_factory=dict)
+    prefix: dict[str, torch.Tensor] = field(default_factory=dict)
+    features: Any = None
+    prelogits: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    context: Any = None  # the engine's RunContext, for probes that run extra forwards
+
+    @property
+    def labelled(self) -> torch.Tensor:
+        return self.targets >= 0
+
+
+class Probe:
+    """Base class. Subclasses set `name`, `needs`, and implement `update` and `compute`."""
+
+    name: str = "probe"
+    needs: frozenset[str] = frozenset()
+
+    def __init__(self) -> None:
+        self._sum_states: dict[str, torch.Tensor] = {}
+        self._cat_states: dict[str, list[torch.Tensor]] = {}
+
+    # -- states ---------------------------------------------------------------------------
+    def add_sum_state(self, name: str, shape: tuple[int, ...] = ()) -> torch.Tensor:
+        """A float64 running sum; across processes the sums are added."""
+        t = torch.zeros(shape, dtype=torch.float64)
+        self._sum_states[name] = t
+        setattr(self, name, t)
+        return t
+
+    def add_cat_state(self, name: str) -> list[torch.Tensor]:
+        """A list of tensors; across processes the lists are concatenated (rank order)."""
+        lst: list[torch.Tensor] = []
+        self._cat_states[name] = lst
+        setattr(self, name, lst)
+        return lst
+
+    def sum_states(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in self._sum_states}
+
+    def cat_states(self) -> dict[str, list[torch.Tensor]]:
+        return {k: getattr(self, k) for k in self._cat_states}
+
+    def set_state(self, name: str, value: Any) -> None:
+        setattr(self, name, value)
+
+    def merge_cat_states(self, gathered: dict[str, list[torch.Tensor]]) -> None:
+        """Hook for states that need more than concatenation (e.g. reservoir samples)."""
+        for k, v in gathered.items():
+            setattr(self, k, v)
+
+    # -- the protocol ---------------------------------------------------------------------
+    def update(self, taps: Taps) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def compute(self) -> Result:  # pragma: no cover - interface
+        raise NotImplementedError

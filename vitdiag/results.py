@@ -1,0 +1,92 @@
+"""Results are data: one dataclass serves the table, the JSON, the plot and the CI check."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Table:
+    """A table for people: a title, column names and rows of plain values."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+
+
+@dataclass
+class Result:
+    """What one probe found.
+
+    `metrics` is a flat mapping of named numbers (e.g. ``top1``, ``nc1``, ``shift@384``); these
+    are the names thresholds refer to. `tables` are for people, `extra` holds any other
+    JSON-able detail (per-layer arrays, plot data).
+    """
+
+    probe: str
+    definition: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    tables: list[Table] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+def _jsonable(value: Any) -> Any:
+    """Turn tensors, numpy values and non-finite floats into plain JSON values."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):  # torch.Tensor, numpy arrays and scalars
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file through a temporary sibling and a rename, so no half-written file remains."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def document(command: str, results: list[Result], model: dict | None, data: dict | None) -> dict:
+    """The JSON document every command writes with --json."""
+    from vitdiag import __version__
+
+    return _jsonable(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "vitdiag_version": __version__,
+            "command": command,
+            "model": model,
+            "data": data,
+            "results": [r.to_dict() for r in results],
+        }
+    )
+
+
+def dumps(doc: dict) -> str:
+    return json.dumps(doc, indent=2, sort_keys=False) + "\n"
