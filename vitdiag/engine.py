@@ -44,10 +44,13 @@ def resolve_device(spec: str = "auto") -> torch.device:
         ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise VitdiagError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
+            raise VitdiagError(
+                "--device cuda was asked for but no CUDA GPU is visible; use --device cpu."
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise VitdiagError(
-                f"--device {spec} does not exist: {torch.cuda.device_count()} CUDA device(s) visible."
+                f"--device {spec} does not exist: "
+                f"{torch.cuda.device_count()} CUDA device(s) visible."
             )
     if device.type == "mps" and not (torch.backends.mps.is_available()):
         raise VitdiagError("--device mps was asked for but MPS is not available; use --device cpu.")

@@ -61,7 +61,9 @@ def _has_norm(model: Any, attr: str = "norm") -> bool:
     return m is not None and not isinstance(m, nn.Identity)
 
 
-def _blocks_taps(model: Any, blocks: str, prefix: int, final_prefix: int | None = None) -> list[LayerTap]:
+def _blocks_taps(
+    model: Any, blocks: str, prefix: int, final_prefix: int | None = None
+) -> list[LayerTap]:
     """Layer 0 is the input of the first block (patch embedding + position), then every block
     output, then the final norm when the model has one on the token sequence."""
     n = len(_module(model, blocks))
@@ -112,7 +114,15 @@ def _pit_taps(model: Any) -> list[LayerTap]:
     taps = [LayerTap("embed", "transformers.0", "input", PIT, n_cls)]
     for s in range(n):
         for b in range(len(model.transformers[s].blocks)):
-            taps.append(LayerTap(f"stage{s + 1}.block{b + 1}", f"transformers.{s}.blocks.{b}", "output", NLC, n_cls))
+            taps.append(
+                LayerTap(
+                    f"stage{s + 1}.block{b + 1}",
+                    f"transformers.{s}.blocks.{b}",
+                    "output",
+                    NLC,
+                    n_cls,
+                )
+            )
     return taps
 
 
@@ -134,7 +144,9 @@ def _resnet_taps(model: Any) -> list[LayerTap]:
     return taps
 
 
-_NO_TABLE_REL = "it has no absolute position table (position enters through relative biases in attention)"
+_NO_TABLE_REL = (
+    "it has no absolute position table (position enters through relative biases in attention)"
+)
 _NO_TABLE_FOURIER = "its positions come from a fixed Fourier encoding, not a learned table"
 _NO_TABLE_CNN = "it is a CNN and has no position embedding"
 
@@ -158,9 +170,21 @@ FAMILIES: tuple[Family, ...] = (
         timm_resamples_pos_embed=True,
     ),
     Family("cait", "CaiT", ("Cait",), ("cait_",), _cait_taps, pos_embed="pos_embed"),
-    Family("pit", "PiT", ("PoolingVisionTransformer",), ("pit_",), _pit_taps, pos_embed="pos_embed", pos_layout=NCHW),
-    Family("beit", "BEiT", ("Beit",), ("beit_", "beitv2_"), _vit_taps, why_no_abs_pos=_NO_TABLE_REL),
-    Family("swin", "Swin", ("SwinTransformer",), ("swin_",), _swin_taps, why_no_abs_pos=_NO_TABLE_REL),
+    Family(
+        "pit",
+        "PiT",
+        ("PoolingVisionTransformer",),
+        ("pit_",),
+        _pit_taps,
+        pos_embed="pos_embed",
+        pos_layout=NCHW,
+    ),
+    Family(
+        "beit", "BEiT", ("Beit",), ("beit_", "beitv2_"), _vit_taps, why_no_abs_pos=_NO_TABLE_REL
+    ),
+    Family(
+        "swin", "Swin", ("SwinTransformer",), ("swin_",), _swin_taps, why_no_abs_pos=_NO_TABLE_REL
+    ),
     Family("xcit", "XCiT", ("Xcit",), ("xcit_",), _xcit_taps, why_no_abs_pos=_NO_TABLE_FOURIER),
     Family(
         "resnet",
@@ -183,7 +207,9 @@ def family_of(model: Any) -> Family:
         if cls in fam.classes:
             return fam
     supported = ", ".join(f.label for f in FAMILIES)
-    raise VitdiagError(f"vitdiag does not know the model class {cls}; supported families: {supported}.")
+    raise VitdiagError(
+        f"vitdiag does not know the model class {cls}; supported families: {supported}."
+    )
 
 
 def family_for_arch(arch: str) -> Family | None:

@@ -37,8 +37,7 @@ def render(results: list[Result], console, *, loaded=None, data: dict | None = N
     if data is not None:
         synthetic = "  [yellow]SYNTHETIC DATA[/yellow]" if data.get("synthetic") else ""
         console.print(
-            f"[bold]data[/bold] {data.get('source')}  images={data.get('n_images')}"
-            f"{synthetic}"
+            f"[bold]data[/bold] {data.get('source')}  images={data.get('n_images')}{synthetic}"
         )
     for result in results:
         for table in result.tables:

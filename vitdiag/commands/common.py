@@ -16,7 +16,9 @@ def parse_floats(text: str | None, option: str, n: int = 3) -> tuple[float, ...]
     try:
         values = tuple(float(v) for v in text.replace(" ", "").split(","))
     except ValueError:
-        raise VitdiagError(f"{option} {text!r} is not a list of numbers; write e.g. 0.5,0.5,0.5.") from None
+        raise VitdiagError(
+            f"{option} {text!r} is not a list of numbers; write e.g. 0.5,0.5,0.5."
+        ) from None
     if len(values) == 1:
         values = values * n
     if len(values) != n:
@@ -28,7 +30,9 @@ def parse_sizes(text: str, option: str = "--sizes") -> list[int]:
     try:
         sizes = [int(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
-        raise VitdiagError(f"{option} {text!r} is not a list of integers; write e.g. 224,384.") from None
+        raise VitdiagError(
+            f"{option} {text!r} is not a list of integers; write e.g. 224,384."
+        ) from None
     if not sizes or any(s <= 0 for s in sizes):
         raise VitdiagError(f"{option} needs positive sizes in pixels, e.g. 224,384.")
     return sizes
@@ -58,7 +62,9 @@ def load_model(
     from vitdiag.model import load
 
     if ckpt is None and arch is None:
-        raise VitdiagError("give a checkpoint path, or --arch NAME for a model with random weights.")
+        raise VitdiagError(
+            "give a checkpoint path, or --arch NAME for a model with random weights."
+        )
     return load(
         ckpt,
         arch=arch,
@@ -134,7 +140,8 @@ def label_check(loaded, source) -> list[str]:
         names = loaded.provenance.get("label_names")
         if len(source.classes) > loaded.num_classes:
             raise VitdiagError(
-                f"the data has {len(source.classes)} classes but the model has {loaded.num_classes} "
+                f"the data has {len(source.classes)} classes but the model has "
+                f"{loaded.num_classes} "
                 "outputs; point --data at a dataset with the model's classes."
             )
         if names and list(names) != list(source.classes):

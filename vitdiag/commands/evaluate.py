@@ -43,9 +43,16 @@ def evaluate(
     from vitdiag.model import at_size
     from vitdiag.probes.accuracy import AccuracyProbe
 
-    opts = DataOptions(data, limit, batch_size, workers, seed, strict, mean, std, interpolation, crop_pct)
+    opts = DataOptions(
+        data, limit, batch_size, workers, seed, strict, mean, std, interpolation, crop_pct
+    )
     loaded = load_model(
-        ckpt, arch, ema=ema, unsafe_pickle=unsafe_pickle, model_arg=model_arg, native_size=native_size
+        ckpt,
+        arch,
+        ema=ema,
+        unsafe_pickle=unsafe_pickle,
+        model_arg=model_arg,
+        native_size=native_size,
     )
     source = open_data(opts)
     notes = label_check(loaded, source)
@@ -69,7 +76,17 @@ def evaluate(
     result = summary.results[0]
     result.notes.extend(notes)
     if summary.n_unreadable:
-        result.notes.append(f"{summary.n_unreadable} unreadable image(s) were skipped (--strict fails instead).")
-    data_desc = dict(source.describe(), n_images=summary.n_images, n_unreadable=summary.n_unreadable)
-    emit("eval", [result], loaded=loaded, data=data_desc, json_path=json_out,
-         run={"seconds": summary.seconds, "world_size": summary.world_size})
+        result.notes.append(
+            f"{summary.n_unreadable} unreadable image(s) were skipped (--strict fails instead)."
+        )
+    data_desc = dict(
+        source.describe(), n_images=summary.n_images, n_unreadable=summary.n_unreadable
+    )
+    emit(
+        "eval",
+        [result],
+        loaded=loaded,
+        data=data_desc,
+        json_path=json_out,
+        run={"seconds": summary.seconds, "world_size": summary.world_size},
+    )

@@ -22,7 +22,12 @@ def info(
     from vitdiag.results import document, dumps, write_atomic
 
     loaded = load_model(
-        ckpt, arch, ema=ema, unsafe_pickle=unsafe_pickle, model_arg=model_arg, native_size=native_size
+        ckpt,
+        arch,
+        ema=ema,
+        unsafe_pickle=unsafe_pickle,
+        model_arg=model_arg,
+        native_size=native_size,
     )
     desc = describe(loaded)
     to_stdout = json_out is not None and str(json_out) == "-"

@@ -1,4 +1,4 @@
-"""Top-1 accuracy, NLL and mean confidence: the simplest probe, and the engine's end-to-end check."""
+"""Top-1 accuracy, NLL and mean confidence: the simplest probe, the engine's end-to-end check."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ class AccuracyProbe(Probe):
 
                 raise VitdiagError(
                     f"the data has class index {int(y.max())} but the model has "
-                    f"{logits.shape[1]} outputs; point --data at a dataset with the model's classes."
+                    f"{logits.shape[1]} outputs; point --data at a dataset with the "
+                    "model's classes."
                 )
             lp = logp[mask]
             self.n_labelled += y.numel()
@@ -42,7 +43,10 @@ class AccuracyProbe(Probe):
 
     def compute(self) -> Result:
         n, nl = float(self.n), float(self.n_labelled)
-        metrics = {"n_images": n, "mean_confidence": float(self.conf_sum) / n if n else float("nan")}
+        metrics = {
+            "n_images": n,
+            "mean_confidence": float(self.conf_sum) / n if n else float("nan"),
+        }
         notes = []
         if nl:
             metrics.update(
