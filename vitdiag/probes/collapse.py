@@ -1,0 +1,709 @@
+"""Neural collapse (Papyan, Han & Donoho, PNAS 2020) and classifier geometry, streamed in float64.
+
+The math is pure (functions of tensors, no I/O); `CollapseProbe` only feeds it running sums.
+Conventions of this definition (`papyan2020-v1`), recorded in every Result:
+
+- μ_G is the mean of the class means; when the classes are imbalanced the numbers that depend
+  on μ_G are reported a second time with the sample-weighted mean (suffix ``_wmean``).
+- Standard deviations use ddof=1, as Papyan et al.'s reference code does (``torch.std``).
+  Off-diagonal cosines are taken once per unordered pair.
+- Σ_B⁺ comes from ``eigh`` in float64; eigenvalues at or below ``max(D, C) · eps · λ_max`` are
+  treated as zero (numpy's ``matrix_rank`` tolerance): Σ_B has rank ≤ C−1, and what eigh returns
+  for its null space is rounding noise of that size, which would otherwise be inverted.
+- Classes with no labelled sample are left out of every class-indexed quantity (W's rows too),
+  with a note.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vitdiag.errors import VitdiagError
+from vitdiag.probes.base import FEATURES, LABELS, LOGITS, PRELOGITS, Probe, Taps
+from vitdiag.results import Result, Table
+
+DEFINITION = "papyan2020-v1"
+CLASSIFIER_DEFINITION = "classifier-geometry-v1"
+STD_DDOF = 1
+DEFAULT_BUDGET = 10_000
+WILSON_Z = 1.959963984540054  # two-sided 95%
+
+# The μ_G-dependent metrics, reported again with the sample-weighted mean when imbalanced.
+_MU_G_DEPENDENT = (
+    "nc1",
+    "nc1_trace",
+    "nc1_trace_ratio",
+    "nc2_equinorm_means",
+    "nc2_equiangular_means",
+    "nc2_maxangle_means",
+    "nc2_mean_cos_means",
+    "nc2_etf_means",
+    "nc3",
+    "nc3_etf",
+)
+
+
+# -- classifier heads ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Head:
+    """One linear classifier: logits = h Wᵀ + b, with h read from `token_index` of the
+    forward_features tokens, or (None) from the model's pre-logits."""
+
+    name: str
+    weight: torch.Tensor  # (C, D) float64, CPU
+    bias: torch.Tensor | None  # (C,) float64, CPU
+    token_index: int | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.weight.shape[1])
+
+
+def _linear_params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    fc = module
+    if not isinstance(fc, (nn.Linear, nn.Conv2d)) and isinstance(
+        getattr(fc, "fc", None), nn.Module
+    ):
+        fc = fc.fc  # timm ClassifierHead / NormMlpClassifierHead keep their Linear as .fc
+    if isinstance(fc, nn.Identity):
+        raise VitdiagError(
+            "the model has no classifier (num_classes=0); neural collapse needs the classifier "
+            "weights: load the checkpoint with its head."
+        )
+    if isinstance(fc, nn.Linear):
+        weight = fc.weight
+    elif isinstance(fc, nn.Conv2d) and fc.kernel_size == (1, 1) and fc.groups == 1:
+        weight = fc.weight.flatten(1)
+    else:
+        raise VitdiagError(
+            f"the model's classifier is a {type(fc).__name__}, not a linear layer; "
+            "neural collapse is defined for a linear classifier only."
+        )
+    bias = None if fc.bias is None else fc.bias.detach().to("cpu", torch.float64)
+    return weight.detach().to("cpu", torch.float64), bias
+
+
+def classifier_heads(model: nn.Module) -> list[Head]:
+    """The model's linear classifier(s), from timm's `get_classifier()`.
+
+    A tuple means several heads (distilled DeiT / PiT / LeViT). On a token-pooled model
+    (`global_pool == "token"`) head i reads token i of forward_features (class, distillation);
+    otherwise every head reads the shared pre-logits (LeViT averages its tokens first).
+    """
+    clf = model.get_classifier()
+    modules = list(clf) if isinstance(clf, (tuple, list)) else [clf]
+    by_token = len(modules) > 1 and getattr(model, "global_pool", None) == "token"
+    heads = []
+    for i, module in enumerate(modules):
+        weight, bias = _linear_params(module)
+        name = "head" if i == 0 else ("dist" if i == 1 else f"head{i}")
+        heads.append(Head(name, weight, bias, i if by_token else None))
+    return heads
+
+
+# -- pure math -------------------------------------------------------------------------------
+
+
+def _f64(x: Any) -> torch.Tensor:
+    return torch.as_tensor(x).detach().to("cpu", torch.float64)
+
+
+def _std(x: torch.Tensor) -> float:
+    return float(x.std(correction=STD_DDOF)) if x.numel() > STD_DDOF else float("nan")
+
+
+def pair_cosines(rows: torch.Tensor) -> torch.Tensor:
+    """Cosines between distinct rows, once per unordered pair (upper triangle)."""
+    rows = _f64(rows)
+    unit = rows / rows.norm(dim=1, keepdim=True)
+    i, j = torch.triu_indices(rows.shape[0], rows.shape[0], offset=1)
+    return (unit @ unit.T)[i, j]
+
+
+def etf_distance(gram: torch.Tensor) -> float:
+    """‖G/‖G‖_F − (I − 11ᵀ/C)/√(C−1)‖_F: 0 exactly for the Gram matrix of a simplex ETF."""
+    gram = _f64(gram)
+    c = gram.shape[0]
+    if c < 2:
+        return float("nan")
+    target = (torch.eye(c, dtype=torch.float64) - 1.0 / c) / math.sqrt(c - 1)
+    return float((gram / gram.norm() - target).norm())
+
+
+def _angle_stats(rows: torch.Tensor) -> tuple[float, float, float]:
+    """(Std cos, Avg |cos + 1/(C−1)|, mean cos) over distinct pairs of rows."""
+    c = rows.shape[0]
+    if c < 2:
+        return float("nan"), float("nan"), float("nan")
+    cos = pair_cosines(rows)
+    return _std(cos), float((cos + 1.0 / (c - 1)).abs().mean()), float(cos.mean())
+
+
+def classifier_stats(W: torch.Tensor, b: torch.Tensor | None = None) -> dict[str, float]:
+    """The classifier-only quantities Fisher et al. track: how close W is to a simplex ETF."""
+    W = _f64(W)
+    norms = W.norm(dim=1)
+    cos_std, maxangle, cos_mean = _angle_stats(W)
+    out = {
+        "norm_cov": _std(norms) / float(norms.mean()),
+        "cos_std": cos_std,
+        "cos_mean": cos_mean,
+        "maxangle": maxangle,
+        "etf": etf_distance(W @ W.T),
+    }
+    if b is not None:
+        b = _f64(b)
+        out["bias_mean"] = float(b.mean())
+        out["bias_std"] = _std(b)
+    return out
+
+
+def _class_sums(h: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C, D) Σ_{i∈c} h_i. index_put_ rather than index_add_: on a busy CPU the latter's
+    thread pool made small batches ~100× slower."""
+    out = torch.zeros(num_classes, h.shape[1], dtype=torch.float64, device=h.device)
+    return out.index_put_((y,), h, accumulate=True)
+
+
+def shifted_moments(h: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ(h−s), Σ(h−s)(h−s)ᵀ) for a batch: the shift keeps ‖μ_G‖² out of the second moment."""
+    x = _f64(h) - _f64(shift)
+    return x.sum(dim=0), x.T @ x
+
+
+def pool_moments(
+    n: torch.Tensor, shift: torch.Tensor, lin: torch.Tensor, scatter: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine per-process moments, each about its own shift s_k, into (t, Σ_i (h_i−t)(h_i−t)ᵀ).
+
+    Inputs are stacked over processes: n (k,), shift (k, D), lin (k, D) = Σ(h−s_k),
+    scatter (k, D, D). Moving a sum from s_k to t adds exact cross terms in d_k = s_k − t, which
+    are small because every shift is a batch mean; adding raw moments instead would bring the
+    ‖μ_G‖² cancellation back.
+    """
+    n, shift, lin, scatter = _f64(n), _f64(shift), _f64(lin), _f64(scatter)
+    total = float(n.sum())
+    if total == 0:
+        d = shift.shape[-1]
+        return torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+    t = (n[:, None] * shift).sum(0) / total
+    d = shift - t
+    out = scatter.sum(0)
+    cross = lin.T @ d  # Σ_k lin_k d_kᵀ
+    out = out + cross + cross.T + (n[:, None] * d).T @ d
+    return t, out
+
+
+@dataclass
+class ClassSums:
+    """Everything NC1–NC3 need: per-class counts and sums of h, and Σ_W."""
+
+    count: torch.Tensor  # (C,)
+    total: torch.Tensor  # (C, D) Σ_{i∈c} h_i
+    sigma_w: torch.Tensor  # (D, D)
+
+    @property
+    def n(self) -> float:
+        return float(self.count.sum())
+
+    @classmethod
+    def from_moments(
+        cls, count: torch.Tensor, total: torch.Tensor, t: torch.Tensor, scatter_t: torch.Tensor
+    ) -> ClassSums:
+        """Σ_W = (1/N)[Σ_i (h_i−t)(h_i−t)ᵀ − Σ_c n_c (μ_c−t)(μ_c−t)ᵀ], one pass."""
+        count, total = _f64(count), _f64(total)
+        n = float(count.sum())
+        present = count > 0
+        mu = total[present] / count[present, None]
+        d = mu - _f64(t)
+        sw = (_f64(scatter_t) - (count[present, None] * d).T @ d) / max(n, 1.0)
+        return cls(count, total, (sw + sw.T) / 2)
+
+    @classmethod
+    def from_features(cls, h: torch.Tensor, y: torch.Tensor, num_classes: int) -> ClassSums:
+        """The same one-pass sums for features held in memory (tests, library use)."""
+        h, y = _f64(h), torch.as_tensor(y).to("cpu", torch.int64)
+        count = torch.bincount(y, minlength=num_classes).to(torch.float64)
+        total = _class_sums(h, y, num_classes)
+        shift = h.mean(0) if len(h) else torch.zeros(h.shape[1], dtype=torch.float64)
+        _, scatter = shifted_moments(h, shift)
+        return cls.from_moments(count, total, shift, scatter)
+
+
+@dataclass
+class NC4Sample:
+    """Features (and the network's predictions) of a uniform sample of the N labelled images."""
+
+    h: torch.Tensor  # (m, D)
+    pred: torch.Tensor | None  # (m,) argmax of the network's logits; None: argmax(W h + b)
+    population: int  # N
+
+
+def wilson_interval(k: float, n: float, z: float = WILSON_Z) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion k/n (conservative for sampling without
+    replacement, which has a smaller variance)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def nearest_class_mean(h: torch.Tensor, means: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Class id of the nearest mean (Euclidean) for each row of h."""
+    h, means = _f64(h), _f64(means)
+    centre = means.mean(0)  # centring shrinks the ‖h‖² that the expansion below cancels
+    x, m = h - centre, means - centre
+    d2 = (x * x).sum(1, keepdim=True) - 2 * x @ m.T + (m * m).sum(1)[None, :]
+    return classes[d2.argmin(dim=1)]
+
+
+def nc4_stats(
+    sample: NC4Sample,
+    means: torch.Tensor,
+    classes: torch.Tensor,
+    W: torch.Tensor,
+    b: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """NC4: share of samples whose nearest class mean disagrees with the classifier, with
+    bias (the network's prediction) and without (argmax W h)."""
+    h, W = _f64(sample.h), _f64(W)
+    m = h.shape[0]
+    out: dict[str, float] = {
+        "nc4_sample_size": float(m),
+        "nc4_population": float(sample.population),
+    }
+    if m == 0:
+        return out | {"nc4": float("nan"), "nc4_nobias": float("nan")}
+    ncc = nearest_class_mean(h, means, classes)
+    scores = h @ W.T
+    if sample.pred is not None:
+        pred = torch.as_tensor(sample.pred).to("cpu", torch.int64)
+    else:
+        pred = (scores + (0 if b is None else _f64(b))).argmax(dim=1)
+    for key, p in (("nc4", pred), ("nc4_nobias", scores.argmax(dim=1))):
+        k = float((ncc != p).sum())
+        out[key] = k / m
+        if m < sample.population:
+            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = wilson_interval(k, m)
+    return out
+
+
+def pinv_cutoff(dim: int, num_classes: int) -> float:
+    """The relative eigenvalue cutoff for Σ_B⁺ (see the module docstring)."""
+    return max(dim, num_classes) * float(torch.finfo(torch.float64).eps)
+
+
+def nc_stats(
+    sums: ClassSums,
+    W: torch.Tensor,
+    b: torch.Tensor | None = None,
+    *,
+    sample: NC4Sample | None = None,
+    global_mean: str = "classes",
+    rtol: float | None = None,
+) -> dict[str, float]:
+    """NC1–NC4 of SPEC §4 from class sums and the classifier (W: C×D, b: C).
+
+    global_mean: "classes" (μ_G = mean of class means) or "samples" (sample-weighted).
+    """
+    if global_mean not in ("classes", "samples"):
+        raise ValueError(f"global_mean must be 'classes' or 'samples', not {global_mean!r}")
+    count, total, sigma_w, W = _f64(sums.count), _f64(sums.total), _f64(sums.sigma_w), _f64(W)
+    present = count > 0
+    classes = present.nonzero().flatten()
+    c, d = int(present.sum()), W.shape[1]
+    out: dict[str, float] = {"n": float(count.sum()), "classes": float(c), "dim": float(d)}
+    if c < 2:
+        return out | {k: float("nan") for k in _MU_G_DEPENDENT}
+    mu = total[present] / count[present, None]
+    weights = count[present] / count.sum()
+    mu_g = mu.mean(0) if global_mean == "classes" else (weights[:, None] * mu).sum(0)
+    M = (mu - mu_g).T  # D × C', the columns of M̃
+    Wp = W[present]
+
+    # NC1: Tr(Σ_W Σ_B⁺) = Σ_k v_kᵀ Σ_W v_k / λ_k over the eigenpairs kept by the cutoff.
+    sigma_b = M @ M.T / c
+    evals, evecs = torch.linalg.eigh(sigma_b)
+    cutoff = (pinv_cutoff(d, c) if rtol is None else rtol) * float(evals.max())
+    keep = evals > cutoff
+    if keep.any():
+        v = evecs[:, keep]
+        trace = float(((v.T @ sigma_w @ v).diagonal() / evals[keep]).sum())
+    else:
+        trace = float("nan")
+    out["nc1"] = trace / c
+    out["nc1_trace"] = trace
+    out["nc1_trace_ratio"] = float(sigma_w.trace() / sigma_b.trace())
+
+    mean_norms, w_norms = M.norm(dim=0), Wp.norm(dim=1)
+    out["nc2_equinorm_means"] = _std(mean_norms) / float(mean_norms.mean())
+    out["nc2_equinorm_weights"] = _std(w_norms) / float(w_norms.mean())
+    for tag, rows in (("means", M.T), ("weights", Wp)):
+        std, maxangle, mean = _angle_stats(rows)
+        out[f"nc2_equiangular_{tag}"] = std
+        out[f"nc2_maxangle_{tag}"] = maxangle
+        out[f"nc2_mean_cos_{tag}"] = mean
+    out["nc2_etf_means"] = etf_distance(M.T @ M)
+    out["nc2_etf_weights"] = etf_distance(Wp @ Wp.T)
+
+    out["nc3"] = float((Wp.T / Wp.norm() - M / M.norm()).norm() ** 2)
+    out["nc3_etf"] = etf_distance(Wp @ M)
+
+    if sample is not None:
+        out.update(nc4_stats(sample, mu, classes, W, b))
+    return out
+
+
+def imbalanced(count: torch.Tensor) -> bool:
+    present = _f64(count)[_f64(count) > 0]
+    return bool(present.numel() > 1 and (present != present[0]).any())
+
+
+def collapse_notes(count: torch.Tensor, dim: int, label: str = "") -> list[str]:
+    """What a reader must know next to the numbers: missing classes, no ETF, imbalance."""
+    count = _f64(count)
+    who = f"{label}: " if label else ""
+    notes = []
+    missing = (count == 0).nonzero().flatten().tolist()
+    c = int((count > 0).sum())
+    if missing:
+        shown = ", ".join(map(str, missing[:20])) + (", …" if len(missing) > 20 else "")
+        notes.append(
+            f"{who}{len(missing)} of {len(count)} classes have no labelled sample and are left out "
+            f"(class means and W rows): {shown}."
+        )
+    if c < 2:
+        notes.append(f"{who}fewer than 2 classes have labelled samples; NC1–NC3 are undefined.")
+    elif dim < c - 1:
+        notes.append(
+            f"{who}D={dim} < C−1={c - 1}: an exact simplex ETF does not exist in {dim} dimensions, "
+            "so the NC2/NC3 ETF distances cannot reach 0."
+        )
+    if imbalanced(count):
+        present = count[count > 0]
+        notes.append(
+            f"{who}classes are imbalanced ({int(present.min())}–{int(present.max())} samples per "
+            "class): μ_G is the mean of class means; metrics ending in _wmean use the "
+            "sample-weighted mean instead."
+        )
+    return notes
+
+
+# -- the streaming probe ---------------------------------------------------------------------
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def bottom_k(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k smallest keys. Keeping the k smallest of i.i.d. uniform keys is a
+    uniform sample without replacement, and the k smallest of a union are the k smallest of
+    each part's k smallest: so per-process samples merge exactly."""
+    order = torch.argsort(keys, stable=True)
+    return order[:k]
+
+
+class CollapseProbe(Probe):
+    """Neural collapse of one or more linear heads over a pass of labelled data.
+
+    Sum states: per-class counts and sums of h. Cat states, one entry per process: the second
+    moment about that process's own shift (merged exactly in `compute`), and a bottom-k
+    reservoir of (key, h, prediction) for NC4, merged by keeping the `budget` smallest keys.
+    """
+
+    name = "collapse"
+    needs = frozenset({PRELOGITS, LOGITS, LABELS, FEATURES})
+
+    def __init__(
+        self,
+        heads: Sequence[Head],
+        *,
+        budget: int = DEFAULT_BUDGET,
+        seed: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not heads:
+            raise VitdiagError("neural collapse needs at least one classifier head.")
+        if budget < 1:
+            raise VitdiagError(f"--budget must be at least 1, not {budget}.")
+        self.heads = list(heads)
+        self.budget = int(budget)
+        self.seed = seed
+        self.rank = rank
+        self._rng: np.random.Generator | None = None
+        self._threshold = [math.inf] * len(self.heads)
+        self._device_params: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        for k, head in enumerate(self.heads):
+            c, d = head.num_classes, head.dim
+            self.add_sum_state(f"h{k}_count", (c,))
+            self.add_sum_state(f"h{k}_total", (c, d))
+            for name, shape in (
+                ("n", (1,)),
+                ("shift", (1, d)),
+                ("lin", (1, d)),
+                ("scatter", (1, d, d)),
+            ):
+                self.add_cat_state(f"h{k}_mom_{name}").append(
+                    torch.zeros(shape, dtype=torch.float64)
+                )
+            for name in ("key", "h", "pred"):
+                self.add_cat_state(f"h{k}_res_{name}")
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **kwargs: Any) -> CollapseProbe:
+        return cls(classifier_heads(model), **kwargs)
+
+    def _generator(self, taps: Taps) -> np.random.Generator:
+        if self._rng is None:
+            seed = self.seed
+            if seed is None:
+                seed = int(getattr(taps.context, "seed", 0) or 0)
+            rank = _rank() if self.rank is None else self.rank
+            self.seed = seed
+            # numpy draws doubles one after another, so keys do not depend on batch sizes.
+            self._rng = np.random.default_rng([seed, rank])
+        return self._rng
+
+    def _head_input(self, head: Head, taps: Taps) -> torch.Tensor:
+        if head.token_index is None:
+            h = taps.prelogits
+        else:
+            feats = taps.features
+            if feats is None or feats.ndim != 3:
+                raise VitdiagError(
+                    f"classifier head {head.name!r} reads token {head.token_index}, but the "
+                    "model's forward_features did not return a token sequence."
+                )
+            h = feats[:, head.token_index]
+        if h is None or h.shape[-1] != head.dim:
+            got = None if h is None else tuple(h.shape)
+            raise VitdiagError(
+                f"classifier head {head.name!r} expects {head.dim}-dim inputs, "
+                f"the model gave {got}."
+            )
+        return h
+
+    def update(self, taps: Taps) -> None:
+        mask = taps.labelled
+        if not bool(mask.any()):
+            return
+        y = taps.targets[mask].to("cpu", torch.int64)
+        c = self.heads[0].num_classes
+        if int(y.max()) >= c:
+            raise VitdiagError(
+                f"the data has class index {int(y.max())} but the classifier has {c} outputs; "
+                "point --data at a dataset with the model's classes."
+            )
+        keys = torch.from_numpy(self._generator(taps).random(int(y.numel())))
+        counts = torch.bincount(y, minlength=c).to(torch.float64)
+        for k, head in enumerate(self.heads):
+            h = self._head_input(head, taps)
+            # The D×D products run where the features are (float64 on CUDA is fast); only
+            # C×D and D×D sums cross to the CPU states. MPS has no float64.
+            dev = h.device if h.device.type != "mps" else torch.device("cpu")
+            h = h[mask.to(h.device)].detach().to(dev, torch.float64)
+            y_dev = y.to(dev)
+            getattr(self, f"h{k}_count").add_(counts)
+            total = _class_sums(h, y_dev, c)
+            getattr(self, f"h{k}_total").add_(total.cpu())
+            self._update_moments(k, h)
+            if len(self.heads) == 1 and taps.logits is not None:
+                pred = taps.logits[mask.to(taps.logits.device)].argmax(dim=1)
+            else:  # each head's own decision; the model's output averages the heads
+                weight, bias = self._params(k, dev)
+                pred = (h @ weight.T + bias).argmax(dim=1)
+            self._update_reservoir(k, keys, h, pred)
+
+    def _params(self, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (k, str(device))
+        if key not in self._device_params:
+            head = self.heads[k]
+            bias = torch.zeros(head.num_classes) if head.bias is None else head.bias
+            self._device_params[key] = (
+                head.weight.to(device, torch.float64),
+                bias.to(device, torch.float64),
+            )
+        return self._device_params[key]
+
+    def _update_moments(self, k: int, h: torch.Tensor) -> None:
+        n = getattr(self, f"h{k}_mom_n")[0]
+        shift = getattr(self, f"h{k}_mom_shift")[0]
+        if float(n) == 0:
+            shift.copy_(h.mean(0, keepdim=True).cpu())
+        lin, scatter = shifted_moments(h, shift[0].to(h.device))
+        n.add_(h.shape[0])
+        getattr(self, f"h{k}_mom_lin")[0].add_(lin.cpu())
+        getattr(self, f"h{k}_mom_scatter")[0].add_(scatter.cpu())
+
+    def _update_reservoir(
+        self, k: int, keys: torch.Tensor, h: torch.Tensor, pred: torch.Tensor
+    ) -> None:
+        # Once `budget` keys are kept, a key above the largest of them can never be among the
+        # final `budget` smallest: drop it here, and compact only when the kept rows double.
+        accept = (keys < self._threshold[k]).nonzero().flatten()
+        if accept.numel() == 0:
+            return
+        rows = accept.to(h.device)
+        getattr(self, f"h{k}_res_key").append(keys[accept])
+        getattr(self, f"h{k}_res_h").append(h[rows].cpu())
+        getattr(self, f"h{k}_res_pred").append(pred[rows.to(pred.device)].to("cpu", torch.int64))
+        if sum(t.numel() for t in getattr(self, f"h{k}_res_key")) > 2 * self.budget:
+            self._compact(k)
+
+    def _compact(self, k: int) -> None:
+        """Keep the `budget` smallest keys of head k's reservoir chunks, as one chunk."""
+        parts = {n: getattr(self, f"h{k}_res_{n}") for n in ("key", "h", "pred")}
+        if not parts["key"]:
+            return
+        merged = {n: torch.cat(v) for n, v in parts.items()}
+        keep = bottom_k(merged["key"], self.budget)
+        for n, v in merged.items():
+            self.set_state(f"h{k}_res_{n}", [v[keep]])
+        if keep.numel() == self.budget:
+            self._threshold[k] = float(merged["key"][keep].max())
+
+    def merge_cat_states(self, gathered: dict[str, list[torch.Tensor]]) -> None:
+        """Moment pieces stay one per process (pooled in compute); reservoirs keep the
+        `budget` smallest keys over all processes."""
+        for name, value in gathered.items():
+            self.set_state(name, list(value))
+        for k in range(len(self.heads)):
+            self._compact(k)
+
+    def class_sums(self, k: int = 0) -> ClassSums:
+        """Head k's pooled sums (after any cross-process merge)."""
+        pieces = [
+            torch.cat([p.reshape(-1, *p.shape[1:]) for p in getattr(self, f"h{k}_mom_{n}")])
+            for n in ("n", "shift", "lin", "scatter")
+        ]
+        t, scatter = pool_moments(pieces[0].flatten(), *pieces[1:])
+        return ClassSums.from_moments(
+            getattr(self, f"h{k}_count"), getattr(self, f"h{k}_total"), t, scatter
+        )
+
+    def nc4_sample(self, k: int = 0) -> NC4Sample:
+        self._compact(k)
+        d = self.heads[k].dim
+        h = getattr(self, f"h{k}_res_h")
+        pred = getattr(self, f"h{k}_res_pred")
+        return NC4Sample(
+            h=torch.cat(h) if h else torch.zeros(0, d, dtype=torch.float64),
+            pred=torch.cat(pred) if pred else torch.zeros(0, dtype=torch.int64),
+            population=int(float(getattr(self, f"h{k}_count").sum())),
+        )
+
+    def compute(self) -> Result:
+        metrics: dict[str, float] = {}
+        notes: list[str] = []
+        tables: list[Table] = []
+        heads_extra = []
+        many = len(self.heads) > 1
+        for k, head in enumerate(self.heads):
+            prefix = "" if k == 0 else f"{head.name}."
+            sums = self.class_sums(k)
+            sample = self.nc4_sample(k)
+            m = nc_stats(sums, head.weight, head.bias, sample=sample)
+            weighted = imbalanced(sums.count)
+            if weighted:
+                mw = nc_stats(sums, head.weight, head.bias, global_mean="samples")
+                m.update({f"{key}_wmean": mw[key] for key in _MU_G_DEPENDENT})
+            metrics.update({prefix + key: v for key, v in m.items()})
+            label = head.name if many else ""
+            notes += collapse_notes(sums.count, head.dim, label)
+            if sample.population > sample.h.shape[0]:
+                notes.append(
+                    f"{label + ': ' if label else ''}NC4 comes from a uniform sample of "
+                    f"{sample.h.shape[0]} of {sample.population} images (95% Wilson interval "
+                    f"[{m['nc4_ci_low']:.4f}, {m['nc4_ci_high']:.4f}])."
+                )
+            tables.append(_nc_table(head, m))
+            heads_extra.append(
+                {
+                    "name": head.name,
+                    "metric_prefix": prefix,
+                    "token_index": head.token_index,
+                    "num_classes": head.num_classes,
+                    "dim": head.dim,
+                    "class_counts": sums.count.tolist(),
+                    "nc4_exact": sample.population <= sample.h.shape[0],
+                }
+            )
+        extra = {
+            "heads": heads_extra,
+            "global_mean": "mean of class means (_wmean: sample-weighted)",
+            "std_ddof": STD_DDOF,
+            "pinv_cutoff": "eigenvalues <= max(D, C) * eps64 * lambda_max are zero",
+            "nc4_budget": self.budget,
+            "seed": self.seed,
+            "nc4_sampling": "bottom-k of uniform random keys (seeded), merged across processes",
+        }
+        return Result(self.name, DEFINITION, metrics, tables, notes, extra)
+
+
+_DESCRIPTIONS = {
+    "nc1": "Tr(Σ_W Σ_B⁺)/C",
+    "nc1_trace_ratio": "Tr Σ_W / Tr Σ_B",
+    "nc2_equinorm_means": "Std/Avg ‖μ_c−μ_G‖",
+    "nc2_equinorm_weights": "Std/Avg ‖w_c‖",
+    "nc2_equiangular_means": "Std cos(μ_c, μ_c')",
+    "nc2_equiangular_weights": "Std cos(w_c, w_c')",
+    "nc2_maxangle_means": "Avg |cos + 1/(C−1)|, means",
+    "nc2_maxangle_weights": "Avg |cos + 1/(C−1)|, W",
+    "nc2_etf_means": "ETF distance of M̃ᵀM̃",
+    "nc2_etf_weights": "ETF distance of WWᵀ",
+    "nc3": "‖Wᵀ/‖W‖ − M̃/‖M̃‖‖²_F",
+    "nc3_etf": "ETF distance of WM̃",
+    "nc4": "nearest mean ≠ prediction",
+    "nc4_nobias": "nearest mean ≠ argmax Wh",
+}
+
+
+def _nc_table(head: Head, m: dict[str, float]) -> Table:
+    rows = [[key, m[key], desc] for key, desc in _DESCRIPTIONS.items() if key in m]
+    return Table(f"Neural collapse — {head.name}", ["metric", "value", "definition"], rows)
+
+
+def classifier_result(model: nn.Module) -> Result:
+    """The classifier-only statistics (no data): CoV of ‖w_c‖, cosines, ETF distance of WWᵀ."""
+    metrics: dict[str, float] = {}
+    tables = []
+    notes = []
+    heads = classifier_heads(model)
+    for k, head in enumerate(heads):
+        prefix = "" if k == 0 else f"{head.name}."
+        stats = classifier_stats(head.weight, head.bias)
+        metrics.update({f"{prefix}w_{key}": v for key, v in stats.items()})
+        tables.append(
+            Table(
+                f"Classifier — {head.name}",
+                ["metric", "value"],
+                [[f"w_{k_}", v] for k_, v in stats.items()],
+            )
+        )
+        if head.dim < head.num_classes - 1:
+            notes.append(
+                f"{head.name}: D={head.dim} < C−1={head.num_classes - 1}: an exact simplex ETF "
+                "does not exist, so the ETF distance cannot reach 0."
+            )
+    extra = {"heads": [{"name": h.name, "num_classes": h.num_classes, "dim": h.dim} for h in heads]}
+    return Result("classifier", CLASSIFIER_DEFINITION, metrics, tables, notes, extra)
