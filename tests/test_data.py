@@ -21,6 +21,7 @@ from vitdiag.data import (
     eval_transform,
     make_loader,
     open_dataset,
+    select_indices,
 )
 from vitdiag.errors import VitdiagError
 
@@ -546,3 +547,19 @@ def test_fixture_val_split_is_labelled_with_its_class_folders() -> None:
     assert open_dataset(val.parent, split="val").classes == expected
     reference = torchvision.datasets.ImageFolder(val)
     assert src.classes == reference.classes and len(src) == len(reference)
+
+
+def test_per_class_subsample_takes_n_of_each_class_and_is_seeded():
+    targets = [0] * 10 + [1] * 3 + [2] * 7
+    picked = select_indices(len(targets), per_class=4, seed=5, targets=targets)
+    counts = {c: sum(targets[i] == c for i in picked) for c in (0, 1, 2)}
+    assert counts == {0: 4, 1: 3, 2: 4}
+    assert len(set(picked)) == len(picked)
+    assert picked == select_indices(len(targets), per_class=4, seed=5, targets=targets)
+    shards = [
+        select_indices(len(targets), per_class=4, seed=5, targets=targets, rank=r, world_size=2)
+        for r in range(2)
+    ]
+    assert sorted(shards[0] + shards[1]) == sorted(picked)
+    with pytest.raises(VitdiagError, match="labelled"):
+        select_indices(5, per_class=2)

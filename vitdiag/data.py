@@ -787,6 +787,8 @@ def select_indices(
     world_size: int = 1,
     shuffle: bool = False,
     prefix: bool = False,
+    targets: list[int] | None = None,
+    per_class: int | None = None,
 ) -> list[int]:
     """Indices a loader reads: seeded shuffle then first ``limit`` (or a prefix), then shard.
 
@@ -796,6 +798,22 @@ def select_indices(
         raise VitdiagError(f"--limit must be a positive number of images, got {limit}.")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if per_class is not None:
+        # A stated per-class subsample: the first `per_class` of each class in a seeded shuffle.
+        if per_class <= 0:
+            raise VitdiagError(f"--per-class must be a positive number, got {per_class}.")
+        if targets is None:
+            raise VitdiagError("--per-class needs labelled data (an ImageFolder or a labelled tar).")
+        gen = torch.Generator().manual_seed(seed)
+        taken: dict[int, int] = {}
+        order = []
+        for i in torch.randperm(n, generator=gen).tolist():
+            if taken.get(targets[i], 0) < per_class:
+                taken[targets[i]] = taken.get(targets[i], 0) + 1
+                order.append(i)
+        if limit is not None:
+            order = order[:limit]
+        return order[rank::world_size]
     if prefix:
         order = list(range(n if limit is None else min(limit, n)))
     elif limit is not None or shuffle:
@@ -864,6 +882,7 @@ def make_loader(
     world_size: int = 1,
     drop_last: bool = False,
     shuffle: bool = False,
+    per_class: int | None = None,
 ) -> Loader:
     """Batches of transformed images from ``source``.
 
@@ -898,6 +917,8 @@ def make_loader(
         world_size=world_size,
         shuffle=shuffle,
         prefix=source.synthetic,
+        targets=getattr(source, "targets", None) if source.labelled else None,
+        per_class=per_class,
     )
     source.limit = limit
     if not source.synthetic:  # a synthetic source reports the seed of its pixels instead

@@ -116,7 +116,7 @@ def transform_for(loaded, opts: DataOptions, size: int | tuple[int, int] | None)
     )
 
 
-def loader_for(source, transform, opts: DataOptions):
+def loader_for(source, transform, opts: DataOptions, per_class: int | None = None):
     from vitdiag.data import make_loader
     from vitdiag.engine import init_distributed
 
@@ -130,6 +130,7 @@ def loader_for(source, transform, opts: DataOptions):
         seed=opts.seed,
         rank=rank,
         world_size=world,
+        per_class=per_class,
     )
 
 
