@@ -803,7 +803,7 @@ def select_indices(
         if per_class <= 0:
             raise VitdiagError(f"--per-class must be a positive number, got {per_class}.")
         if targets is None:
-            raise VitdiagError("--per-class needs labelled data (an ImageFolder or a labelled tar).")
+            raise VitdiagError("--per-class needs labelled data (an ImageFolder or labelled tar).")
         gen = torch.Generator().manual_seed(seed)
         taken: dict[int, int] = {}
         order = []
