@@ -1,0 +1,229 @@
+"""`vitdiag invariance`: Linv and Ldiv of augmented views (SPEC §3), one or more checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vitdiag import options as o
+from vitdiag.commands.common import (
+    DataOptions,
+    console,
+    load_model,
+    loader_for,
+    open_data,
+    transform_for,
+)
+
+Checkpoints = Annotated[
+    list[str] | None,
+    typer.Argument(
+        metavar="CKPT",
+        help="One or more checkpoints (files or directories with config.json); several share "
+        "one table and one plot. Leave out and give --arch for random weights.",
+        show_default=False,
+    ),
+]
+Aug = Annotated[
+    str,
+    typer.Option(
+        "--aug",
+        help="Comma-separated augmentations: mixup, cutmix, erasing-pixel, erasing-const, "
+        "erasing-rand, cutout, randaugment, autoaugment, trivialaugment, colorjitter, rrc "
+        "(or all).",
+    ),
+]
+Views = Annotated[int, typer.Option("--views", help="Augmented views per image (at least 2).")]
+Embedding = Annotated[
+    str,
+    typer.Option(
+        "--embedding",
+        help="f(x): prelogits (classifier input), cls (final-norm class token) or gap "
+        "(mean of final-norm grid tokens).",
+    ),
+]
+Alpha = Annotated[
+    str | None,
+    typer.Option(
+        "--alpha",
+        help="Beta(α, α) of mixup/cutmix: one number for both, or mixup=0.8,cutmix=1.0 "
+        "(the defaults).",
+    ),
+]
+Plot = Annotated[
+    Path | None,
+    typer.Option("--plot", help="Write a PNG of Ldiv against Linv (one point per augmentation)."),
+]
+
+
+def _labels(ckpts: list[str | None], arch: str | None) -> list[str]:
+    """Short names for the table and legend: the file or folder name, or the path when two
+    checkpoints share a name."""
+    names = [Path(c).name if c else (arch or "random") for c in ckpts]
+    if len(set(names)) < len(names):
+        names = [c if c else (arch or "random") for c in ckpts]
+    return names
+
+
+def invariance(
+    ckpts: Checkpoints = None,
+    data: o.Data = None,
+    aug: Aug = "all",
+    views: Views = 4,
+    embedding: Embedding = "prelogits",
+    alpha: Alpha = None,
+    plot: Plot = None,
+    arch: o.Arch = None,
+    ema: o.Ema = False,
+    unsafe_pickle: o.UnsafePickle = False,
+    model_arg: o.ModelArg = None,
+    native_size: o.NativeSize = None,
+    size: o.Size = None,
+    limit: o.Limit = None,
+    batch_size: o.BatchSize = 64,
+    workers: o.Workers = 0,
+    seed: o.Seed = 0,
+    strict: o.Strict = False,
+    mean: o.Mean = None,
+    std: o.Std = None,
+    interpolation: o.Interpolation = None,
+    crop_pct: o.CropPct = None,
+    device: o.Device = "auto",
+    amp: o.Amp = "off",
+    channels_last: o.ChannelsLast = False,
+    json_out: o.JsonOut = None,
+    quiet: o.Quiet = False,
+) -> None:
+    """Invariance (Linv) and diversity (Ldiv) of augmented views, definition vitdiag-v1."""
+    from vitdiag.augmentations import parse_alpha, parse_augmentations
+    from vitdiag.engine import is_main_process, run_probes
+    from vitdiag.errors import VitdiagError
+    from vitdiag.model import at_size, describe
+    from vitdiag.probes.invariance import EMBEDDINGS, InvarianceProbe, plot_invariance
+    from vitdiag.report import render
+    from vitdiag.results import Result, Table, document, dumps, write_atomic
+
+    # Validate everything cheap before loading a single model.
+    aug_names = parse_augmentations(aug)
+    alphas = parse_alpha(alpha)
+    if views < 2:
+        raise VitdiagError(
+            f"--views must be at least 2 (Ldiv compares views with each other), got {views}."
+        )
+    if embedding not in EMBEDDINGS:
+        raise VitdiagError(f"--embedding {embedding!r} is not known; use {', '.join(EMBEDDINGS)}.")
+    targets: list[str | None] = list(ckpts) if ckpts else [None]
+    labels = _labels(targets, arch)
+    opts = DataOptions(
+        data, limit, batch_size, workers, seed, strict, mean, std, interpolation, crop_pct
+    )
+    source = open_data(opts)
+
+    results: list[Result] = []
+    summaries = []
+    first_loaded = None
+    for ckpt, label in zip(targets, labels, strict=True):
+        loaded = load_model(
+            ckpt,
+            arch,
+            ema=ema,
+            unsafe_pickle=unsafe_pickle,
+            model_arg=model_arg,
+            native_size=native_size,
+        )
+        if size is not None:
+            loaded = at_size(loaded, size)
+        transform = transform_for(loaded, opts, loaded.img_size)
+        loader = loader_for(source, transform, opts)
+        cfg = transform.config
+        probe = InvarianceProbe(
+            aug_names,
+            views=views,
+            embedding=embedding,
+            alpha=alphas,
+            mean=cfg["mean"],
+            std=cfg["std"],
+            size=tuple(cfg["input_size"][1:]),
+            interpolation=cfg["interpolation"],
+        )
+        summary = run_probes(
+            loaded.model,
+            loader,
+            [probe],
+            device=device,
+            amp=amp,
+            channels_last=channels_last,
+            seed=seed,
+            loaded=loaded,
+            total_images=loader.n_images,
+            quiet=quiet,
+            description=f"invariance {label}",
+        )
+        result = summary.results[0]
+        result.extra["checkpoint"] = label
+        result.extra["model"] = describe(loaded)
+        if summary.n_unreadable:
+            result.notes.append(
+                f"{summary.n_unreadable} unreadable image(s) were skipped (--strict fails instead)."
+            )
+        results.append(result)
+        summaries.append(summary)
+        if len(targets) == 1:
+            first_loaded = loaded
+        # Free the model before loading the next one: checkpoints can be large.
+        del loaded, probe
+
+    if not is_main_process():
+        return
+    data_desc = dict(
+        source.describe(),
+        n_images=summaries[0].n_images,
+        n_unreadable=summaries[0].n_unreadable,
+    )
+    shown = results
+    if len(results) > 1:
+        rows = [
+            [label, *row]
+            for label, res in zip(labels, results, strict=True)
+            for row in res.tables[0].rows
+        ]
+        notes = list(dict.fromkeys(n for res in results for n in res.notes))
+        shown = [
+            Result(
+                probe="invariance",
+                definition=results[0].definition,
+                tables=[
+                    Table(
+                        results[0].tables[0].title,
+                        ["checkpoint", *results[0].tables[0].columns],
+                        rows,
+                    )
+                ],
+                notes=notes,
+            )
+        ]
+    to_stdout = json_out is not None and str(json_out) == "-"
+    out = console(stderr=to_stdout)
+    render(shown, out, loaded=first_loaded, data=data_desc)
+    if plot is not None:
+        written = plot_invariance(list(zip(labels, results, strict=True)), plot)
+        out.print(f"plot written to {written}")
+    if json_out is None:
+        return
+    # With several checkpoints the top-level model is null: each result's extra carries its
+    # own checkpoint label and model provenance.
+    single = results[0].extra["model"] if len(results) == 1 else None
+    doc = document("invariance", results, single, data_desc)
+    doc["run"] = {
+        "seconds": sum(s.seconds for s in summaries),
+        "world_size": summaries[0].world_size,
+    }
+    text = dumps(doc)
+    if to_stdout:
+        import sys
+
+        sys.stdout.write(text)
+    else:
+        write_atomic(Path(json_out), text.encode())

@@ -1,0 +1,340 @@
+"""Invariance (Linv) and diversity (Ldiv) of augmented views, definition "vitdiag-v1" (SPEC §3).
+
+f(x) is the L2-normalised embedding (pre-logits, the final-norm class token, or the mean of the
+final-norm grid tokens). For each image x and V ≥ 2 independent views t_v(x):
+
+    Linv = mean over x, v       of cos(f(x), f(t_v(x)))
+    Ldiv = 1 − mean over x, v<v' of cos(f(t_v(x)), f(t_v'(x)))
+
+The clean embedding is the engine's shared forward; the V views of one augmentation go through
+one extra forward (V·B images). Per augmentation the probe keeps four float64 sums (Σ cos
+clean↔view, their count, Σ cos view↔view, their count) and a count of images skipped, so runs
+on several processes add up. How views are seeded is described in `vitdiag.augmentations`.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitdiag.augmentations import (
+    AUGMENTATIONS,
+    DEFAULT_ALPHA,
+    Augmentation,
+    build_augmentation,
+    parse_augmentations,
+)
+from vitdiag.errors import VitdiagError
+from vitdiag.probes.base import FEATURES, PRELOGITS, Probe, Taps
+from vitdiag.results import Result, Table, write_atomic
+
+DEFINITION = "vitdiag-v1"
+EMBEDDINGS = ("prelogits", "cls", "gap")
+
+# Slots of each augmentation's sum state.
+_INV, _N_INV, _DIV, _N_DIV, _SKIPPED = range(5)
+
+
+def embedding_layout(model: torch.nn.Module) -> tuple[str, int]:
+    """(layout, number of prefix tokens) of `forward_features`' output, from the family table.
+
+    The final-norm tap describes exactly that tensor; families without one (CNNs) fall back to
+    their last tap.
+    """
+    from vitdiag.families import NLC, family_of, num_prefix_tokens
+
+    try:
+        taps = family_of(model).layer_taps(model)
+    except VitdiagError:
+        taps = []
+    for tap in taps:
+        if tap.name == "norm":
+            return tap.layout, tap.num_prefix
+    if taps:
+        return taps[-1].layout, taps[-1].num_prefix
+    return NLC, num_prefix_tokens(model)
+
+
+def embed(
+    kind: str, features: Any, prelogits: torch.Tensor | None, layout: str, num_prefix: int
+) -> torch.Tensor:
+    """The unnormalised embedding (B, D) of `kind` from a forward's outputs."""
+    from vitdiag.families import NCHW, NHWC, NLC
+
+    if kind == "prelogits":
+        if prelogits is None:
+            raise ValueError("prelogits were not computed")
+        return prelogits.flatten(1)
+    if not isinstance(features, torch.Tensor):
+        raise VitdiagError(
+            f"--embedding {kind} needs the token sequence, but this model's forward_features "
+            "does not return one tensor; use --embedding prelogits."
+        )
+    if kind == "cls":
+        if layout != NLC or num_prefix < 1:
+            raise VitdiagError(
+                "--embedding cls needs a class token, and this model has none; "
+                "use --embedding gap or prelogits."
+            )
+        return features[:, 0]
+    if kind == "gap":
+        if layout == NLC:
+            grid = features[:, num_prefix:]
+            if grid.shape[1] == 0:
+                raise VitdiagError(
+                    "--embedding gap needs grid tokens after the final norm, and this model "
+                    "keeps only prefix tokens there; use --embedding cls or prelogits."
+                )
+            return grid.mean(dim=1)
+        if layout == NHWC:
+            return features.mean(dim=(1, 2))
+        if layout == NCHW:
+            return features.mean(dim=(2, 3))
+        raise ValueError(f"unknown layout {layout}")
+    raise VitdiagError(f"--embedding {kind!r} is not known; use {', '.join(EMBEDDINGS)}.")
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x.double(), dim=-1)
+
+
+class InvarianceProbe(Probe):
+    """Linv and Ldiv of each augmentation (SPEC §3, definition "vitdiag-v1").
+
+    ``augmentations``: names from `vitdiag.augmentations.AUGMENTATIONS` (or a comma list), or
+    `Augmentation` objects. ``mean``/``std``/``size``/``interpolation`` describe the batch the
+    engine hands over (the eval transform); when left out they come from the loaded model's
+    ``data_config`` at the first batch.
+    """
+
+    name = "invariance"
+
+    def __init__(
+        self,
+        augmentations: str | Sequence[str | Augmentation] = AUGMENTATIONS,
+        *,
+        views: int = 4,
+        embedding: str = "prelogits",
+        alpha: dict[str, float] | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        size: int | tuple[int, int] | None = None,
+        interpolation: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(views, int) or views < 2:
+            raise VitdiagError(
+                f"--views must be at least 2 (Ldiv compares views with each other), got {views}."
+            )
+        if embedding not in EMBEDDINGS:
+            raise VitdiagError(
+                f"--embedding {embedding!r} is not known; use {', '.join(EMBEDDINGS)}."
+            )
+        if isinstance(augmentations, str):
+            augmentations = parse_augmentations(augmentations)
+        specs = list(augmentations)
+        names = [parse_augmentations([a])[0] if isinstance(a, str) else a.name for a in specs]
+        if not specs:
+            raise VitdiagError("give at least one augmentation.")
+        if len(set(names)) != len(names):
+            raise VitdiagError(f"augmentations must have distinct names, got {names}.")
+        self.specs = specs
+        self.aug_names = names
+        self.views = views
+        self.embedding = embedding
+        self.alpha = {**DEFAULT_ALPHA, **(alpha or {})}
+        self.mean = tuple(mean) if mean is not None else None
+        self.std = tuple(std) if std is not None else None
+        self.size = size
+        self.interpolation = interpolation
+        self.needs = frozenset({PRELOGITS} | ({FEATURES} if embedding != "prelogits" else set()))
+        self._augs: list[Augmentation] | None = None
+        self._layout: tuple[str, int] | None = None
+        self._seen = 0  # images this process has seen: the stream position of the next batch
+        for i in range(len(specs)):
+            self.add_sum_state(f"sums{i}", (5,))
+
+    # -- setup at the first batch, when the device and model are known -------------------------
+    def _setup(self, taps: Taps) -> None:
+        ctx = taps.context
+        cfg = dict(getattr(getattr(ctx, "loaded", None), "data_config", None) or {})
+        mean = self.mean or tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
+        std = self.std or tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+        size = self.size or tuple(int(v) for v in taps.images.shape[-2:])
+        interpolation = self.interpolation or cfg.get("interpolation") or "bicubic"
+        self.mean, self.std, self.size, self.interpolation = mean, std, size, interpolation
+        self._augs = [
+            spec
+            if isinstance(spec, Augmentation)
+            else build_augmentation(
+                name,
+                size=size,
+                mean=mean,
+                std=std,
+                interpolation=interpolation,
+                device=ctx.device,
+                alpha=self.alpha,
+            )
+            for spec, name in zip(self.specs, self.aug_names, strict=True)
+        ]
+        self._layout = embedding_layout(ctx.model)
+
+    def _positions(self, n: int) -> list[int]:
+        """Stream positions of this batch, the same whatever the number of processes.
+
+        `make_loader` shards by stride (rank::world), so local image k of rank r is image
+        r + k·world of the single-process order.
+        """
+        from vitdiag.engine import is_distributed
+
+        rank, world = 0, 1
+        if is_distributed():
+            import torch.distributed as dist
+
+            rank, world = dist.get_rank(), dist.get_world_size()
+        return [rank + (self._seen + k) * world for k in range(n)]
+
+    def update(self, taps: Taps) -> None:
+        if self._augs is None:
+            self._setup(taps)
+        assert self._augs is not None and self._layout is not None
+        ctx = taps.context
+        images = taps.images
+        b, v = images.shape[0], self.views
+        positions = self._positions(b)
+        self._seen += b
+        with torch.inference_mode():
+            clean = _normalise(embed(self.embedding, taps.features, taps.prelogits, *self._layout))
+            for i, aug in enumerate(self._augs):
+                sums = getattr(self, f"sums{i}")
+                if aug.mixing and b < 2:
+                    sums[_SKIPPED] += b
+                    continue
+                batch = torch.cat(
+                    [aug(images, seed=ctx.seed, positions=positions, view=k) for k in range(v)]
+                )
+                feats, pre, _ = ctx.forward(batch)
+                f = _normalise(embed(self.embedding, feats, pre, *self._layout))
+                f = f.view(v, b, -1)
+                sums[_INV] += (f * clean.unsqueeze(0)).sum().cpu()
+                sums[_N_INV] += v * b
+                # Σ_{v<v'} f_v·f_v' = (‖Σ_v f_v‖² − Σ_v ‖f_v‖²) / 2, per image. ‖f_v‖ is 1
+                # except for an all-zero embedding, so the squares are summed, not assumed.
+                total = f.sum(dim=0)
+                pair = ((total * total).sum() - (f * f).sum()) / 2
+                sums[_DIV] += pair.cpu()
+                sums[_N_DIV] += b * v * (v - 1) // 2
+
+    def compute(self) -> Result:
+        metrics: dict[str, float] = {}
+        rows: list[list[Any]] = []
+        per_aug: dict[str, dict[str, Any]] = {}
+        notes: list[str] = []
+        for i, name in enumerate(self.aug_names):
+            s = getattr(self, f"sums{i}")
+            n_inv, n_div = float(s[_N_INV]), float(s[_N_DIV])
+            linv = float(s[_INV]) / n_inv if n_inv else float("nan")
+            ldiv = 1.0 - float(s[_DIV]) / n_div if n_div else float("nan")
+            images = int(round(n_inv / self.views))
+            skipped = int(s[_SKIPPED])
+            metrics[f"{name}.linv"] = linv
+            metrics[f"{name}.ldiv"] = ldiv
+            rows.append([name, linv, ldiv, images, self.views])
+            desc = self._augs[i].describe() if self._augs is not None else {"name": name}
+            per_aug[name] = {
+                "linv": linv,
+                "ldiv": ldiv,
+                "images": images,
+                "views": self.views,
+                "skipped_images": skipped,
+                **{k: v for k, v in desc.items() if k != "name"},
+            }
+            if skipped:
+                notes.append(
+                    f"{name}: {skipped} image(s) were alone in their batch, so had no mixing "
+                    "partner, and were left out; use a --batch-size that does not leave a single "
+                    "image in the last batch."
+                )
+        notes.append(
+            "pixel-space augmentations run on 8-bit images (denormalise, clamp to [0, 1], round "
+            "to uint8, augment, renormalise) of the eval-preprocessed crop."
+        )
+        return Result(
+            probe="invariance",
+            definition=DEFINITION,
+            metrics=metrics,
+            tables=[
+                Table(
+                    f"Invariance and diversity ({DEFINITION}, embedding={self.embedding})",
+                    ["augmentation", "Linv", "Ldiv", "images", "views"],
+                    rows,
+                )
+            ],
+            notes=notes,
+            extra={
+                "augmentations": per_aug,
+                "embedding": self.embedding,
+                "alpha": {k: self.alpha[k] for k in DEFAULT_ALPHA},
+                "views": self.views,
+                "mean": list(self.mean) if self.mean else None,
+                "std": list(self.std) if self.std else None,
+                "size": list(self.size) if isinstance(self.size, tuple) else self.size,
+                "interpolation": self.interpolation,
+                "seeding": "view v of the image at stream position p: Python, NumPy and torch "
+                "seeded with vitdiag.augmentations.view_seed(seed, augmentation, p, v)",
+            },
+        )
+
+
+def plot_invariance(results: Sequence[tuple[str, Result]], path: str | Path) -> Path:
+    """A PNG of Ldiv against Linv, one point per augmentation, a marker/colour per checkpoint.
+
+    The file appears whole or not at all (temporary sibling, then rename). Returns the path.
+    """
+    try:
+        # Figure + Agg canvas directly: no pyplot, so the caller's backend is left alone.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise VitdiagError(
+            "plotting needs matplotlib; install it with: pip install 'vitdiag[plot]'"
+        ) from exc
+    if not results:
+        raise VitdiagError("nothing to plot: no invariance results were given.")
+    for label, res in results:
+        if res.probe != "invariance" or "augmentations" not in res.extra:
+            raise VitdiagError(f"{label}: not an invariance result (probe {res.probe!r}).")
+
+    markers = "osD^vP*Xh<>p"
+    fig = Figure(figsize=(6.4, 5.0), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for k, (label, res) in enumerate(results):
+        names, xs, ys = [], [], []
+        for name, vals in res.extra["augmentations"].items():
+            x, y = vals.get("linv"), vals.get("ldiv")
+            if x is None or y is None or x != x or y != y:
+                continue
+            names.append(name)
+            xs.append(float(x))
+            ys.append(float(y))
+        ax.scatter(xs, ys, marker=markers[k % len(markers)], s=36, label=label or None, alpha=0.85)
+        for name, x, y in zip(names, xs, ys, strict=True):
+            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    emb = results[0][1].extra.get("embedding", "")
+    ax.set_xlabel("Linv (mean cos clean↔view, higher = more invariant)")
+    ax.set_ylabel("Ldiv (1 − mean cos view↔view, higher = more diverse)")
+    ax.set_title(f"Invariance vs diversity ({DEFINITION}, {emb})", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if any(label for label, _ in results):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    out = Path(path)
+    write_atomic(out, buf.getvalue())
+    return out
