@@ -77,11 +77,28 @@ def friendly_errors(fn):
     return wrapper
 
 
-def _register() -> None:
-    from vitdiag.commands import evaluate, info
+# (command name, module under vitdiag.commands, function)
+COMMANDS = [
+    ("info", "info", "info"),
+    ("eval", "evaluate", "evaluate"),
+    ("variance", "variance", "variance"),
+    ("augment", "augment", "augment"),
+    ("fix-posembed", "fix_posembed", "fix_posembed"),
+    ("similarity", "similarity", "similarity"),
+    ("invariance", "invariance", "invariance"),
+    ("collapse", "collapse", "collapse"),
+]
 
-    app.command("info")(friendly_errors(info.info))
-    app.command("eval")(friendly_errors(evaluate.evaluate))
+
+def _register() -> None:
+    import importlib
+    import importlib.util
+
+    for name, module, func in COMMANDS:
+        full = f"vitdiag.commands.{module}"
+        if importlib.util.find_spec(full) is None:
+            continue
+        app.command(name)(friendly_errors(getattr(importlib.import_module(full), func)))
 
 
 _register()

@@ -45,6 +45,9 @@ class Family:
     is_transformer: bool = True
     why_no_abs_pos: str = ""
     extra: dict = field(default_factory=dict)
+    # State-dict keys that mark the family ('#' stands for a block index, '|' separates
+    # alternatives). The loader uses them to pick which timm architectures to try.
+    key_signature: tuple[str, ...] = ()
 
 
 def _module(model: Any, path: str) -> Any:
@@ -159,6 +162,11 @@ FAMILIES: tuple[Family, ...] = (
         _vit_taps,
         pos_embed="pos_embed",
         timm_resamples_pos_embed=True,
+        key_signature=(
+            "patch_embed.proj.weight",
+            "blocks.#.attn.qkv.weight",
+            "blocks.#.norm1.weight",
+        ),
     ),
     Family(
         "eva",
@@ -168,8 +176,27 @@ FAMILIES: tuple[Family, ...] = (
         _vit_taps,
         pos_embed="pos_embed",
         timm_resamples_pos_embed=True,
+        key_signature=(
+            "patch_embed.proj.weight",
+            "blocks.#.norm1.weight",
+            "blocks.#.attn.q_bias|blocks.#.attn.q_proj.weight",
+            "pos_embed",
+        ),
     ),
-    Family("cait", "CaiT", ("Cait",), ("cait_",), _cait_taps, pos_embed="pos_embed"),
+    Family(
+        "cait",
+        "CaiT",
+        ("Cait",),
+        ("cait_",),
+        _cait_taps,
+        pos_embed="pos_embed",
+        key_signature=(
+            "patch_embed.proj.weight",
+            "blocks.#.attn.qkv.weight",
+            "blocks.#.norm1.weight",
+            "blocks_token_only.#.attn.q.weight",
+        ),
+    ),
     Family(
         "pit",
         "PiT",
@@ -178,14 +205,49 @@ FAMILIES: tuple[Family, ...] = (
         _pit_taps,
         pos_embed="pos_embed",
         pos_layout=NCHW,
+        key_signature=("patch_embed.conv.weight", "transformers.#.blocks.#.attn.qkv.weight"),
     ),
     Family(
-        "beit", "BEiT", ("Beit",), ("beit_", "beitv2_"), _vit_taps, why_no_abs_pos=_NO_TABLE_REL
+        "beit",
+        "BEiT",
+        ("Beit",),
+        ("beit_", "beitv2_"),
+        _vit_taps,
+        why_no_abs_pos=_NO_TABLE_REL,
+        key_signature=(
+            "patch_embed.proj.weight",
+            "blocks.#.norm1.weight",
+            "blocks.#.attn.qkv.weight",
+            "blocks.#.attn.q_bias|blocks.#.gamma_1",
+            "blocks.#.attn.relative_position_bias_table|rel_pos_bias.relative_position_bias_table",
+        ),
     ),
     Family(
-        "swin", "Swin", ("SwinTransformer",), ("swin_",), _swin_taps, why_no_abs_pos=_NO_TABLE_REL
+        "swin",
+        "Swin",
+        ("SwinTransformer",),
+        ("swin_",),
+        _swin_taps,
+        why_no_abs_pos=_NO_TABLE_REL,
+        key_signature=(
+            "patch_embed.proj.weight",
+            "layers.#.blocks.#.attn.relative_position_bias_table",
+        ),
     ),
-    Family("xcit", "XCiT", ("Xcit",), ("xcit_",), _xcit_taps, why_no_abs_pos=_NO_TABLE_FOURIER),
+    Family(
+        "xcit",
+        "XCiT",
+        ("Xcit",),
+        ("xcit_",),
+        _xcit_taps,
+        why_no_abs_pos=_NO_TABLE_FOURIER,
+        key_signature=(
+            "blocks.#.attn.qkv.weight",
+            "blocks.#.norm1.weight",
+            "blocks.#.attn.temperature",
+            "cls_attn_blocks.#.attn.q.weight",
+        ),
+    ),
     Family(
         "resnet",
         "ResNet (CNN reference)",
@@ -194,6 +256,7 @@ FAMILIES: tuple[Family, ...] = (
         _resnet_taps,
         is_transformer=False,
         why_no_abs_pos=_NO_TABLE_CNN,
+        key_signature=("conv1.weight", "layer1.#.conv1.weight", "layer4.#.conv1.weight"),
     ),
 )
 
@@ -220,6 +283,25 @@ def family_for_arch(arch: str) -> Family | None:
             if arch.startswith(p) and len(p) > best[0]:
                 best = (len(p), fam)
     return best[1]
+
+
+def families_for_keys(keys: Any) -> list[Family]:
+    """Families whose key signature a state dict carries, the most specific signature first."""
+    import re
+
+    keys = list(keys)
+    found = []
+    for fam in FAMILIES:
+        if not fam.key_signature:
+            continue
+        for pattern in fam.key_signature:
+            alts = [re.escape(a).replace("\\#", r"\d+") for a in pattern.split("|")]
+            rx = re.compile("^(?:" + "|".join(alts) + ")$")
+            if not any(rx.match(k) for k in keys):
+                break
+        else:
+            found.append(fam)
+    return sorted(found, key=lambda f: -len(f.key_signature))
 
 
 def has_abs_pos_table(model: Any) -> bool:
