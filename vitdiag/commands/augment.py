@@ -1,0 +1,189 @@
+"""`vitdiag augment`: does a training recipe's augmentation shift the input variance?"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vitdiag import options as o
+from vitdiag.commands.common import (
+    DataOptions,
+    emit,
+    load_model,
+    loader_for,
+    open_data,
+    parse_floats,
+)
+
+Ckpt = Annotated[
+    str | None,
+    typer.Option("--ckpt", help="Checkpoint whose patch embedding X is measured as well."),
+]
+TrainArgs = Annotated[
+    Path | None,
+    typer.Option(
+        "--train-args",
+        help="timm train.py args.yaml to read mixup, cutmix, reprob, remode, mean, std from "
+        "(default: an args.yaml beside --ckpt).",
+    ),
+]
+Mixup = Annotated[float | None, typer.Option("--mixup", help="Mixup α (overrides args.yaml).")]
+Cutmix = Annotated[float | None, typer.Option("--cutmix", help="CutMix α (overrides args.yaml).")]
+Reprob = Annotated[
+    float | None, typer.Option("--reprob", help="Random-erasing probability (overrides args.yaml).")
+]
+Remode = Annotated[
+    str | None,
+    typer.Option("--remode", help="Random-erasing mode: const, rand or pixel."),
+]
+AuditSize = Annotated[
+    int | None,
+    typer.Option("--size", help="Image size without --ckpt (default 224; with it: the model's)."),
+]
+
+
+def augment(
+    data: o.Data = None,
+    ckpt: Ckpt = None,
+    train_args: TrainArgs = None,
+    mixup: Mixup = None,
+    cutmix: Cutmix = None,
+    reprob: Reprob = None,
+    remode: Remode = None,
+    mean: o.Mean = None,
+    std: o.Std = None,
+    size: AuditSize = None,
+    arch: o.Arch = None,
+    ema: o.Ema = False,
+    unsafe_pickle: o.UnsafePickle = False,
+    model_arg: o.ModelArg = None,
+    native_size: o.NativeSize = None,
+    limit: o.Limit = None,
+    batch_size: o.BatchSize = 64,
+    workers: o.Workers = 0,
+    seed: o.Seed = 0,
+    strict: o.Strict = False,
+    interpolation: o.Interpolation = None,
+    crop_pct: o.CropPct = None,
+    device: o.Device = "auto",
+    json_out: o.JsonOut = None,
+    quiet: o.Quiet = False,
+) -> None:
+    """Variance of Mixup / CutMix / random-erasing batches against clean ones, the data's
+    mean/std after normalisation, and the paper's guideline flags (arXiv 2405.14115)."""
+    from vitdiag.data import eval_transform
+    from vitdiag.engine import resolve_device, run_probes
+    from vitdiag.probes.augment import (
+        AugmentAuditProbe,
+        NoNetwork,
+        audit_result,
+        patch_size_of,
+        read_train_args,
+        resolve_config,
+        specs_for,
+    )
+
+    found_beside = False
+    if train_args is None and ckpt is not None:
+        # timm's train.py writes args.yaml beside its checkpoints: the recipe travels with them
+        p = Path(ckpt).expanduser()
+        beside = (p if p.is_dir() else p.parent) / "args.yaml"
+        if beside.is_file():
+            train_args, found_beside = beside, True
+    cfg = resolve_config(
+        read_train_args(train_args) if train_args is not None else None,
+        mixup=mixup,
+        cutmix=cutmix,
+        reprob=reprob,
+        remode=remode,
+        mean=parse_floats(mean, "--mean"),
+        std=parse_floats(std, "--std"),
+    )
+    loaded = None
+    if ckpt is not None or arch is not None:
+        loaded = load_model(
+            ckpt,
+            arch,
+            ema=ema,
+            unsafe_pickle=unsafe_pickle,
+            model_arg=model_arg,
+            native_size=native_size,
+        )
+    opts = DataOptions(data, limit, batch_size, workers, seed, strict, None, None, None, crop_pct)
+    source = open_data(opts)
+    data_config = dict(loaded.data_config) if loaded is not None else {}
+    img_size = size or (tuple(loaded.img_size) if loaded is not None else 224)
+    transform = eval_transform(
+        data_config,
+        img_size,
+        mean=cfg.mean,
+        std=cfg.std,
+        interpolation=interpolation,
+        crop_pct=crop_pct,
+    )
+    dev = resolve_device(device)
+    patch_model = None
+    if loaded is not None:
+        if loaded.img_size != transform.size:
+            from vitdiag.model import at_size
+
+            loaded = at_size(loaded, transform.size)
+        if getattr(loaded.model, "patch_embed", None) is not None:
+            patch_model = loaded.model.to(dev).eval()
+    specs, reference = specs_for(cfg)
+    probe = AugmentAuditProbe(
+        specs,
+        device=dev,
+        patch_model=patch_model,
+        patch=patch_size_of(loaded.model) if loaded is not None else 16,
+        seed=seed,
+    )
+    summary = run_probes(
+        NoNetwork(),
+        loader_for(source, transform, opts),
+        [probe],
+        device=dev,
+        seed=seed,
+        total_images=min(len(source), limit or len(source)),
+        quiet=quiet,
+        description="augment",
+    )
+    result = audit_result(
+        probe,
+        cfg,
+        reference=reference,
+        normalisation=(transform.config["mean"], transform.config["std"]),
+    )
+    if loaded is not None and patch_model is None:
+        result.notes.append(
+            f"{loaded.family.label} has no patch embedding to measure; only images are audited."
+        )
+    if train_args is not None:
+        result.extra["train_args"] = str(train_args)
+        if found_beside:
+            result.notes.append(
+                f"the training recipe was read from {train_args} (beside the checkpoint); "
+                "--train-args or --mixup/--cutmix/--reprob/--remode override it."
+            )
+    result.extra["normalisation"] = {
+        "mean": list(transform.config["mean"]),
+        "std": list(transform.config["std"]),
+        "from": cfg.sources.get("mean", "the checkpoint" if loaded is not None else "ImageNet"),
+    }
+    if summary.n_unreadable:
+        result.notes.append(
+            f"{summary.n_unreadable} unreadable image(s) were skipped (--strict fails instead)."
+        )
+    data_desc = dict(
+        source.describe(), n_images=summary.n_images, n_unreadable=summary.n_unreadable
+    )
+    emit(
+        "augment",
+        [result],
+        loaded=loaded,
+        data=data_desc,
+        json_path=json_out,
+        run={"seconds": summary.seconds},
+    )

@@ -1,0 +1,140 @@
+"""`vitdiag fix-posembed`: write a checkpoint with the position table resampled and rescaled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vitdiag import options as o
+from vitdiag.commands.common import (
+    DataOptions,
+    emit,
+    label_check,
+    load_model,
+    loader_for,
+    open_data,
+    transform_for,
+)
+from vitdiag.commands.variance import ImageInterpolation, Reduction
+
+TargetSize = Annotated[
+    int | None, typer.Option("--size", help="The new image size in pixels (square).")
+]
+Out = Annotated[
+    Path | None,
+    typer.Option("--out", help="Folder to write (config.json + weights); must not exist."),
+]
+Rescale = Annotated[
+    str,
+    typer.Option(
+        "--rescale",
+        help="Factor c for the grid rows: empirical (measured on --data), sqrt-axis "
+        "(1/√(s/s0)), sqrt-area (s0/s), none, or a number.",
+    ),
+]
+TableInterpolation = Annotated[
+    str,
+    typer.Option(
+        "--interpolation", help="How the table is resampled: bicubic (timm's), bilinear, nearest."
+    ),
+]
+Format = Annotated[
+    str,
+    typer.Option("--format", help="safetensors (model.safetensors) or pth (plain state dict)."),
+]
+Force = Annotated[
+    bool,
+    typer.Option("--force", help="Replace an existing --out (never the input checkpoint)."),
+]
+
+
+def fix_posembed(
+    ckpt: o.Checkpoint = None,
+    size: TargetSize = None,
+    out: Out = None,
+    rescale: Rescale = "empirical",
+    data: o.Data = None,
+    interpolation: TableInterpolation = "bicubic",
+    reduction: Reduction = "per-token",
+    fmt: Format = "safetensors",
+    force: Force = False,
+    arch: o.Arch = None,
+    ema: o.Ema = False,
+    unsafe_pickle: o.UnsafePickle = False,
+    model_arg: o.ModelArg = None,
+    native_size: o.NativeSize = None,
+    limit: o.Limit = None,
+    batch_size: o.BatchSize = 64,
+    workers: o.Workers = 0,
+    seed: o.Seed = 0,
+    strict: o.Strict = False,
+    mean: o.Mean = None,
+    std: o.Std = None,
+    image_interpolation: ImageInterpolation = None,
+    crop_pct: o.CropPct = None,
+    device: o.Device = "auto",
+    amp: o.Amp = "off",
+    channels_last: o.ChannelsLast = False,
+    json_out: o.JsonOut = None,
+    quiet: o.Quiet = False,
+) -> None:
+    """Resample the position table to --size, multiply its grid rows by c, and write a folder
+    plain timm loads: timm.create_model("local-dir:OUT", pretrained=True)."""
+    from vitdiag.errors import VitdiagError
+    from vitdiag.posembed import check_output_path, fix_posembed, parse_rescale, require_abs_pos
+
+    if size is None:
+        raise VitdiagError("give the new image size, e.g. --size 384.")
+    if size <= 0:
+        raise VitdiagError(f"--size must be a positive number of pixels, got {size}.")
+    if out is None:
+        raise VitdiagError("give the folder to write with --out DIR.")
+    method = parse_rescale(rescale)
+    if method == "empirical" and data is None:
+        raise VitdiagError(
+            "--rescale empirical measures c on images: give --data DIR, or choose sqrt-axis, "
+            "sqrt-area, none or a number."
+        )
+    if ckpt is not None:  # refuse before the (possibly slow) load
+        check_output_path(out, Path(ckpt), force)
+    loaded = load_model(
+        ckpt,
+        arch,
+        ema=ema,
+        unsafe_pickle=unsafe_pickle,
+        model_arg=model_arg,
+        native_size=native_size,
+    )
+    require_abs_pos(loaded.model, "vitdiag fix-posembed")
+    opts = DataOptions(
+        data, limit, batch_size, workers, seed, strict, mean, std, image_interpolation, crop_pct
+    )
+    source = open_data(opts) if data is not None else None
+    notes = label_check(loaded, source) if source is not None else []
+
+    def batches_at(at, s):
+        return loader_for(source, transform_for(at, opts, s), opts)
+
+    outcome = fix_posembed(
+        loaded,
+        size,
+        out,
+        rescale=method,
+        interpolation=interpolation,
+        reduction=reduction,
+        batches_at=batches_at if source is not None else None,
+        accuracy=source is not None and source.labelled,
+        fmt=fmt,
+        force=force,
+        device=device,
+        amp=amp,
+        channels_last=channels_last,
+        seed=seed,
+        quiet=quiet,
+        total_images=min(len(source), limit or len(source)) if source is not None else None,
+    )
+    outcome.result.notes.extend(notes)
+    data_desc = dict(source.describe()) if source is not None else None
+    emit("fix-posembed", [outcome.result], loaded=loaded, data=data_desc, json_path=json_out)
