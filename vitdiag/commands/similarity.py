@@ -1,0 +1,136 @@
+"""`vitdiag similarity`: patch-wise absolute cosine similarity per layer (over-smoothing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vitdiag import options as o
+from vitdiag.commands.common import (
+    DataOptions,
+    emit,
+    load_model,
+    loader_for,
+    open_data,
+    transform_for,
+)
+
+
+def similarity(
+    ckpts: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="One or more checkpoints (compared in one table and one plot). Leave out and "
+            "give --arch for random weights.",
+            show_default=False,
+        ),
+    ] = None,
+    data: o.Data = None,
+    layers: Annotated[
+        str | None, typer.Option("--layers", help="Comma-separated layer names to measure.")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write similarity against depth to this PNG.")
+    ] = None,
+    arch: o.Arch = None,
+    ema: o.Ema = False,
+    unsafe_pickle: o.UnsafePickle = False,
+    model_arg: o.ModelArg = None,
+    native_size: o.NativeSize = None,
+    size: o.Size = None,
+    limit: o.Limit = None,
+    batch_size: o.BatchSize = 64,
+    workers: o.Workers = 0,
+    seed: o.Seed = 0,
+    strict: o.Strict = False,
+    mean: o.Mean = None,
+    std: o.Std = None,
+    interpolation: o.Interpolation = None,
+    crop_pct: o.CropPct = None,
+    device: o.Device = "auto",
+    amp: o.Amp = "off",
+    channels_last: o.ChannelsLast = False,
+    json_out: o.JsonOut = None,
+    quiet: o.Quiet = False,
+) -> None:
+    """Patch-wise cosine similarity per layer: how far tokens collapse onto each other."""
+    from vitdiag.engine import run_probes
+    from vitdiag.model import at_size, describe
+    from vitdiag.probes.similarity import SimilarityProbe
+    from vitdiag.probes.similarity_plot import plot_similarity
+    from vitdiag.results import Result, Table
+
+    opts = DataOptions(
+        data, limit, batch_size, workers, seed, strict, mean, std, interpolation, crop_pct
+    )
+    names = [s.strip() for s in layers.split(",")] if layers else None
+    source = open_data(opts)
+    labelled_results: list[tuple[str, Result]] = []
+    models = []
+    data_desc = None
+    for ckpt in ckpts or [None]:
+        loaded = load_model(
+            ckpt,
+            arch,
+            ema=ema,
+            unsafe_pickle=unsafe_pickle,
+            model_arg=model_arg,
+            native_size=native_size,
+        )
+        if size is not None:
+            loaded = at_size(loaded, size)
+        loader = loader_for(source, transform_for(loaded, opts, loaded.img_size), opts)
+        summary = run_probes(
+            loaded.model,
+            loader,
+            [SimilarityProbe(names)],
+            device=device,
+            amp=amp,
+            channels_last=channels_last,
+            seed=seed,
+            loaded=loaded,
+            total_images=loader.n_images,
+            quiet=quiet,
+            description="similarity",
+        )
+        result = summary.results[0]
+        label = Path(ckpt).name if ckpt else f"{loaded.arch} (random)"
+        result.extra["label"] = label
+        result.extra["model"] = describe(loaded)
+        for t in result.tables:
+            t.title = f"{t.title} — {label}"
+        labelled_results.append((label, result))
+        models.append(loaded)
+        data_desc = dict(
+            source.describe(), n_images=summary.n_images, n_unreadable=summary.n_unreadable
+        )
+
+    results = [r for _, r in labelled_results]
+    if len(results) > 1:
+        depth = max(len(r.extra["layers"]) for r in results)
+        rows = []
+        for i in range(depth):
+            row: list = [i]
+            for r in results:
+                lay, vals = r.extra["layers"], r.extra["mean"]
+                row += [lay[i], vals[i]] if i < len(lay) else [None, None]
+            rows.append(row)
+        cols = ["index"] + [c for label, _ in labelled_results for c in (label, "P")]
+        results.append(
+            Result(
+                "similarity.compare",
+                results[0].definition,
+                tables=[Table("Comparison", cols, rows)],
+            )
+        )
+    if plot is not None:
+        plot_similarity(labelled_results, plot)
+    emit(
+        "similarity",
+        results,
+        loaded=models[0] if len(models) == 1 else None,
+        data=data_desc,
+        json_path=json_out,
+    )
