@@ -134,3 +134,26 @@ def test_collapse_with_train_and_val(tiny_ckpt, image_folder, tmp_path):
     assert by["collapse"]["n"] == 9  # 3 classes x 3 images
     assert 0.0 <= by["calibration"]["ece"] <= 1.0
     assert (plots / "reliability.png").exists()
+
+
+@pytest.mark.parametrize("variant", ["vit_nomix", "vit_mixup", "vit_cutmix"])
+def test_eval_reproduces_the_fixture_scripts_accuracy(variant, tmp_path):
+    from conftest import FIXTURES
+
+    manifest = json.loads((FIXTURES / "manifest.json").read_text())["models"][variant]
+    out = tmp_path / "eval.json"
+    _ok(
+        [
+            "eval",
+            str(FIXTURES / "models" / variant),
+            "--data",
+            str(FIXTURES / "data" / "val"),
+            "--json",
+            str(out),
+            "-q",
+        ]
+    )
+    metrics = json.loads(out.read_text())["results"][0]["metrics"]
+    assert metrics["n_labelled"] == manifest["n_val"]
+    assert metrics["top1"] == pytest.approx(manifest["val_top1"], abs=1e-12)
+    assert metrics["nll"] == pytest.approx(manifest["val_nll"], rel=1e-4)
