@@ -157,3 +157,27 @@ def test_eval_reproduces_the_fixture_scripts_accuracy(variant, tmp_path):
     assert metrics["n_labelled"] == manifest["n_val"]
     assert metrics["top1"] == pytest.approx(manifest["val_top1"], abs=1e-12)
     assert metrics["nll"] == pytest.approx(manifest["val_nll"], rel=1e-4)
+
+
+def test_similarity_random_baseline_is_the_same_architecture_untrained(tmp_path):
+    from conftest import FIXTURES
+
+    out = tmp_path / "s.json"
+    _ok(
+        [
+            "similarity",
+            str(FIXTURES / "models" / "vit_nomix"),
+            "--random-baseline",
+            "--data",
+            "synthetic:4",
+            "--json",
+            str(out),
+            "-q",
+        ]
+    )
+    doc = json.loads(out.read_text())
+    trained, random_ = doc["results"][0], doc["results"][1]
+    assert random_["extra"]["label"] == "vit_tiny_patch16_224 (random)"
+    assert random_["extra"]["model"]["arch"] == trained["extra"]["model"]["arch"]
+    assert random_["extra"]["layers"] == trained["extra"]["layers"]
+    assert random_["extra"]["mean"] != trained["extra"]["mean"]

@@ -17,6 +17,8 @@ from vitdiag.commands.common import (
     transform_for,
 )
 
+_RANDOM = object()  # marks the --random-baseline entry in the list of checkpoints
+
 
 def similarity(
     ckpts: Annotated[
@@ -34,6 +36,13 @@ def similarity(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Write similarity against depth to this PNG.")
     ] = None,
+    random_baseline: Annotated[
+        bool,
+        typer.Option(
+            "--random-baseline",
+            help="Add the first checkpoint's architecture with random weights as another curve.",
+        ),
+    ] = False,
     arch: o.Arch = None,
     ema: o.Ema = False,
     unsafe_pickle: o.UnsafePickle = False,
@@ -57,7 +66,7 @@ def similarity(
 ) -> None:
     """Patch-wise cosine similarity per layer: how far tokens collapse onto each other."""
     from vitdiag.engine import run_probes
-    from vitdiag.model import at_size, describe
+    from vitdiag.model import at_size, describe, load
     from vitdiag.probes.similarity import SimilarityProbe
     from vitdiag.probes.similarity_plot import plot_similarity
     from vitdiag.results import Result, Table
@@ -70,15 +79,29 @@ def similarity(
     labelled_results: list[tuple[str, Result]] = []
     models = []
     data_desc = None
-    for ckpt in ckpts or [None]:
-        loaded = load_model(
-            ckpt,
-            arch,
-            ema=ema,
-            unsafe_pickle=unsafe_pickle,
-            model_arg=model_arg,
-            native_size=native_size,
-        )
+    todo: list = list(ckpts or [None])
+    if random_baseline:
+        todo.append(_RANDOM)
+    for ckpt in todo:
+        if ckpt is _RANDOM:
+            # Same architecture and build arguments, untrained: how much smoothing training adds.
+            first = models[0]
+            loaded = load(
+                None,
+                arch=first.arch,
+                model_args=dict(first.build_kwargs),
+                img_size=first.native_size,
+                native_size=first.native_size,
+            )
+        else:
+            loaded = load_model(
+                ckpt,
+                arch,
+                ema=ema,
+                unsafe_pickle=unsafe_pickle,
+                model_arg=model_arg,
+                native_size=native_size,
+            )
         if size is not None:
             loaded = at_size(loaded, size)
         loader = loader_for(source, transform_for(loaded, opts, loaded.img_size), opts)
@@ -96,7 +119,7 @@ def similarity(
             description="similarity",
         )
         result = summary.results[0]
-        label = Path(ckpt).name if ckpt else f"{loaded.arch} (random)"
+        label = f"{loaded.arch} (random)" if ckpt in (None, _RANDOM) else Path(ckpt).name
         result.extra["label"] = label
         result.extra["model"] = describe(loaded)
         for t in result.tables:
