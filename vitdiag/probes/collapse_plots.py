@@ -6,34 +6,18 @@ the probes stays light and the caller's backend is left alone. Files appear whol
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any
 
 from vitdiag.errors import VitdiagError
-from vitdiag.results import Result, write_atomic
-
-
-def _figure(width: float, height: float) -> Any:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise VitdiagError(
-            "plotting needs matplotlib; install it with: pip install 'vitdiag[plot]'"
-        ) from exc
-    fig = Figure(figsize=(width, height), dpi=120)
-    FigureCanvasAgg(fig)
-    return fig
+from vitdiag.plotting import new_figure as _figure
+from vitdiag.plotting import save_png
+from vitdiag.results import Result
 
 
 def _save(fig: Any, path: str | Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    path = Path(path)
-    write_atomic(path, buf.getvalue())
-    return path
+    return save_png(fig, path, tight_bbox=True)
 
 
 def _num(v: Any) -> float:

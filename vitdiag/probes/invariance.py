@@ -14,7 +14,6 @@ on several processes add up. How views are seeded is described in `vitdiag.augme
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,9 @@ from vitdiag.augmentations import (
     parse_augmentations,
 )
 from vitdiag.errors import VitdiagError
+from vitdiag.plotting import new_figure, save_png
 from vitdiag.probes.base import FEATURES, PRELOGITS, Probe, Taps
-from vitdiag.results import Result, Table, write_atomic
+from vitdiag.results import Result, Table
 
 DEFINITION = "vitdiag-v1"
 EMBEDDINGS = ("prelogits", "cls", "gap")
@@ -295,14 +295,6 @@ def plot_invariance(results: Sequence[tuple[str, Result]], path: str | Path) -> 
 
     The file appears whole or not at all (temporary sibling, then rename). Returns the path.
     """
-    try:
-        # Figure + Agg canvas directly: no pyplot, so the caller's backend is left alone.
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise VitdiagError(
-            "plotting needs matplotlib; install it with: pip install 'vitdiag[plot]'"
-        ) from exc
     if not results:
         raise VitdiagError("nothing to plot: no invariance results were given.")
     for label, res in results:
@@ -310,8 +302,7 @@ def plot_invariance(results: Sequence[tuple[str, Result]], path: str | Path) -> 
             raise VitdiagError(f"{label}: not an invariance result (probe {res.probe!r}).")
 
     markers = "osD^vP*Xh<>p"
-    fig = Figure(figsize=(6.4, 5.0), dpi=120)
-    FigureCanvasAgg(fig)
+    fig = new_figure(6.4, 5.0)
     ax = fig.add_subplot(1, 1, 1)
     for k, (label, res) in enumerate(results):
         names, xs, ys = [], [], []
@@ -333,8 +324,4 @@ def plot_invariance(results: Sequence[tuple[str, Result]], path: str | Path) -> 
     if any(label for label, _ in results):
         ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    out = Path(path)
-    write_atomic(out, buf.getvalue())
-    return out
+    return save_png(fig, path)

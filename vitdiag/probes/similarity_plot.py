@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 from vitdiag.errors import VitdiagError
-from vitdiag.results import Result, write_atomic
+from vitdiag.plotting import new_figure, save_png
+from vitdiag.results import Result
 
 # Layer names fit under the axis up to about this many ticks; beyond, indices read better.
 _MAX_NAMED_TICKS = 16
@@ -18,23 +18,13 @@ def plot_similarity(results: list[tuple[str, Result]], path: str | Path) -> Path
     The file appears whole or not at all (written to a sibling temporary file, then renamed).
     Returns the path written.
     """
-    try:
-        # Figure + the Agg canvas directly: no pyplot, so the caller's backend is left alone.
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise VitdiagError(
-            "plotting needs matplotlib; install it with: pip install 'vitdiag[plot]'"
-        ) from exc
-
     if not results:
         raise VitdiagError("nothing to plot: no similarity results were given.")
     for label, res in results:
         if res.probe != "similarity" or "layers" not in res.extra:
             raise VitdiagError(f"{label}: not a similarity result (probe {res.probe!r}).")
 
-    fig = Figure(figsize=(7.0, 4.2), dpi=120)
-    FigureCanvasAgg(fig)
+    fig = new_figure(7.0, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     for label, res in results:
         mean = [_nan_if_none(v) for v in res.extra["mean"]]
@@ -60,12 +50,7 @@ def plot_similarity(results: list[tuple[str, Result]], path: str | Path) -> Path
     if len(results) > 1 or results[0][0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    out = Path(path)
-    write_atomic(out, buf.getvalue())
-    return out
+    return save_png(fig, path)
 
 
 def _nan_if_none(v: float | None) -> float:
