@@ -11,6 +11,7 @@ _LAZY = {
     "LoadedModel": ("vitdiag.model", "LoadedModel"),
     "open_dataset": ("vitdiag.data", "open_dataset"),
     "run_probes": ("vitdiag.engine", "run_probes"),
+    "run_all": ("vitdiag.runner", "run_all"),
 }
 
 

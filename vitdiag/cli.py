@@ -87,6 +87,8 @@ COMMANDS = [
     ("similarity", "similarity", "similarity"),
     ("invariance", "invariance", "invariance"),
     ("collapse", "collapse", "collapse"),
+    ("report", "report", "report"),
+    ("check", "check", "check"),
 ]
 
 

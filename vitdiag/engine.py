@@ -276,10 +276,18 @@ def run_probes(
         import torch.distributed as dist
 
         world = dist.get_world_size()
-        totals = torch.tensor([n_images, n_bad], dtype=torch.float64)
-        for probe in probes:
-            reduce_probe(probe, device)
+        totals = torch.tensor([n_images, n_bad, float(n_images == 0)], dtype=torch.float64)
         totals = all_reduce_sum(totals, device)
+        # A process that saw no image may lack lazily created states (similarity makes its
+        # sums at the first batch), and the reductions below would then wait forever.
+        if totals[2] > 0 and totals[0] > 0:
+            raise VitdiagError(
+                f"{int(totals[2])} of {world} processes got no image to read "
+                f"({int(totals[0])} images in all); start no more processes than there are images."
+            )
+        if totals[0] > 0:
+            for probe in probes:
+                reduce_probe(probe, device)
         n_images, n_bad = int(totals[0]), int(totals[1])
     if n_images == 0:
         raise VitdiagError(

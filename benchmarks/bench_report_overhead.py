@@ -1,0 +1,139 @@
+"""What the report's shared pass costs on top of the forward pass it needs anyway.
+
+A ViT-S-sized model with random weights (timm vit_small_patch16_224, 1000 classes, 224 px) runs
+over the same synthetic batches (N(0,1) images in the normalised space, random labels so that
+the labelled probes do their work) two ways, alternately:
+
+- bare:   `model.forward_features(x)` under inference_mode, nothing else;
+- report: `engine.run_probes` with every probe of `vitdiag report` that reads the shared forward
+          — eval, calibration, collapse (NC1-NC4), similarity (every layer), variance at the
+          native size (adds a patch_embed per batch) — built by `vitdiag.runner` as the report
+          builds them; the classifier statistics (no data) are computed once, outside the loop.
+
+Not included, because they are extra forwards by definition, not overhead: invariance
+(views × augmentations forwards per image), mixup geometry (a fixed number of mixed pairs) and
+variance at other sizes (one pass per size). Batches are made before timing, so data loading
+is in neither. Every ratio is the median over alternating (bare, report) pairs; `--breakdown`
+also times each probe alone, `--without-effective-rank` shows what similarity's effective-rank
+column costs (a what-if: the column is replaced by zeros for that run only).
+
+    python benchmarks/bench_report_overhead.py [--images N] [--batch-size B] [--reps R]
+        [--device cpu|cuda] [--threads T] [--breakdown] [--without-effective-rank]
+
+Default images: 512 on a GPU, 64 on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+SHARED = ("eval", "calibration", "collapse", "similarity", "variance")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", default="off")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--breakdown", action="store_true", help="also time each probe alone")
+    parser.add_argument(
+        "--without-effective-rank",
+        action="store_true",
+        help="what-if: time similarity (and the report) with effective rank stubbed out",
+    )
+    args = parser.parse_args()
+    n = args.images or (512 if args.device.startswith("cuda") else 64)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    from vitdiag import load
+    from vitdiag.data import eval_transform
+    from vitdiag.engine import resolve_amp, run_probes
+    from vitdiag.probes.collapse import classifier_result
+    from vitdiag.runner import Settings, _build
+
+    torch.manual_seed(0)
+    loaded = load(None, arch="vit_small_patch16_224")
+    model = loaded.model.to(device).eval()
+    amp = resolve_amp(args.amp, device)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for start in range(0, n, args.batch_size):
+        b = min(args.batch_size, n - start)
+        x = torch.randn(b, 3, 224, 224, generator=g).to(device)
+        y = torch.randint(0, loaded.num_classes, (b,), generator=g)
+        batches.append((x, y))
+    transform = eval_transform(loaded.data_config, loaded.img_size)
+    settings = Settings(device=args.device, amp=args.amp)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def bare() -> float:
+        sync()
+        start = time.perf_counter()
+        with torch.inference_mode(), torch.autocast(device.type, amp, enabled=amp is not None):
+            for x, _ in batches:
+                model.forward_features(x)
+        sync()
+        return time.perf_counter() - start
+
+    def report(names=SHARED) -> float:
+        probes = [_build(name, loaded, transform, settings) for name in names]
+        sync()
+        start = time.perf_counter()
+        run_probes(model, batches, probes, device=device, amp=args.amp, loaded=loaded)
+        sync()
+        return time.perf_counter() - start
+
+    classifier_seconds = time.perf_counter()
+    classifier_result(model)
+    classifier_seconds = time.perf_counter() - classifier_seconds
+
+    def paired(names, reps: int) -> tuple[float, list[tuple[float, float]]]:
+        """Median of report/bare over alternating pairs: a burst of load on a shared machine
+        then hits both sides of a pair, not one configuration."""
+        pairs = [(bare(), report(names)) for _ in range(reps)]
+        return statistics.median(r / b for b, r in pairs), pairs
+
+    bare()  # warm-up: first calls allocate and pick kernels
+    report()
+    ratio, pairs = paired(SHARED, args.reps)
+    threads = torch.get_num_threads()
+    print(
+        f"vit_small_patch16_224 (random), 224 px, {n} synthetic images, batch {args.batch_size}, "
+        f"{args.device}{'' if device.type == 'cuda' else f' ({threads} threads)'}, amp {args.amp}"
+    )
+    print(f"{'rep':>4s} {'bare s':>8s} {'report s':>9s} {'ratio':>7s}")
+    for i, (b, r) in enumerate(pairs):
+        print(f"{i:4d} {b:8.2f} {r:9.2f} {r / b:7.3f}")
+    print(f"\nmedian ratio report / bare forward_features: {ratio:.3f}")
+    bare_s = statistics.median(b for b, _ in pairs)
+    report_s = statistics.median(r for _, r in pairs)
+    print(f"images/s: bare {n / bare_s:.1f}, report {n / report_s:.1f}")
+    print(f"classifier statistics (once, no data): {classifier_seconds:.3f} s")
+    if args.breakdown:
+        print("\neach probe alone, median ratio over alternating pairs:")
+        for name in SHARED:
+            print(f"  {name:12s} {paired((name,), args.reps)[0]:6.3f}")
+    if args.without_effective_rank:
+        import vitdiag.probes.similarity as sim
+
+        # What-if only: the effective-rank column replaced by zeros, to show its share.
+        sim.effective_rank = lambda h: torch.zeros(h.shape[0], dtype=torch.float64)
+        print("\nwhat-if, similarity without its effective-rank column:")
+        print(f"  similarity   {paired(('similarity',), args.reps)[0]:6.3f}")
+        print(f"  report       {paired(SHARED, args.reps)[0]:6.3f}")
+
+
+if __name__ == "__main__":
+    main()

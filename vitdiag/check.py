@@ -1,0 +1,517 @@
+"""Thresholds on named result values, for CI: parse a config, judge results, write JUnit XML.
+
+A config is a TOML file, ``vitdiag.toml`` (keys at the top level) or a ``pyproject.toml``
+(``[tool.vitdiag]``)::
+
+    data = "fixtures/data/val"        # evaluation images (eval, calibration, variance)
+    train = "fixtures/data/train"     # optional: training images (collapse, similarity, ...)
+    sizes = [48]                      # optional: extra sizes for variance (also read from names)
+    limit = 200                       # optional: at most this many images per dataset
+    checks = [
+      "eval.top1 >= 0.85",
+      "collapse.nc1 < 0.5",
+      "variance.shift@48 within [0.8, 1.25]",
+    ]
+
+A metric is ``<probe>.<key>`` with key one of that probe's ``Result.metrics``. Nothing here
+imports torch: a config is validated (exit 2) before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitdiag.errors import VitdiagError
+
+OPS = ("<", "<=", ">", ">=")
+_NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+_METRIC = r"[A-Za-z_][\w.@/+\-]*"
+_COMPARE = re.compile(rf"^\s*(?P<metric>{_METRIC})\s*(?P<op><=|>=|<|>)\s*(?P<value>{_NUM})\s*$")
+_WITHIN = re.compile(
+    rf"^\s*(?P<metric>{_METRIC})\s+within\s*\[\s*(?P<lo>{_NUM})\s*,\s*(?P<hi>{_NUM})\s*\]\s*$"
+)
+
+# The metric names each probe reports, as templates. They let a config be checked before a
+# model is loaded; after the run the result's own metric names are the authority (a layer
+# name, for one, depends on the model). tests/test_check.py pins this table to the probes.
+_PH = {
+    "<head>.": r"(?:(?:dist|head\d+)\.)?",
+    "<size>": r"\d+(?:x\d+)?",
+    "<interp>": r"(?:bicubic|bilinear|nearest)",
+    "<rescale>": rf"(?:none|sqrt-axis|sqrt-area|empirical|{_NUM})",
+    "<layer>": r"[A-Za-z0-9_.]+",
+    "<aug>": r"[a-z][a-z0-9-]*",
+    "<lambda>": _NUM,
+    "[_global]": r"(?:_global)?",
+    "[_wmean]": r"(?:_wmean)?",
+}
+_NC_MU_G = (
+    "nc1",
+    "nc1_trace",
+    "nc1_trace_ratio",
+    "nc2_equinorm_means",
+    "nc2_equiangular_means",
+    "nc2_maxangle_means",
+    "nc2_mean_cos_means",
+    "nc2_etf_means",
+    "nc3",
+    "nc3_etf",
+)
+METRICS: dict[str, tuple[str, ...]] = {
+    "eval": ("top1", "nll", "mean_confidence", "n_images", "n_labelled"),
+    "calibration": ("ece", "mce", "nll", "accuracy", "n"),
+    "classifier": tuple(
+        f"<head>.w_{k}"
+        for k in ("norm_cov", "cos_std", "cos_mean", "maxangle", "etf", "bias_mean", "bias_std")
+    ),
+    "collapse": (
+        *(f"<head>.{k}[_wmean]" for k in _NC_MU_G),
+        *(
+            f"<head>.{k}"
+            for k in (
+                "nc2_equinorm_weights",
+                "nc2_equiangular_weights",
+                "nc2_maxangle_weights",
+                "nc2_mean_cos_weights",
+                "nc2_etf_weights",
+                "nc4",
+                "nc4_nobias",
+                "nc4_ci_low",
+                "nc4_ci_high",
+                "nc4_nobias_ci_low",
+                "nc4_nobias_ci_high",
+                "nc4_sample_size",
+                "nc4_population",
+                "n",
+                "classes",
+                "dim",
+            )
+        ),
+    ),
+    "mixup_geometry": (
+        "lambda_star",
+        "margin@<lambda>",
+        "same_cos_mean",
+        "same_cos_range",
+        "same_norm_range_rel",
+        "diff_span_share_mean",
+        "diff_span_energy_mean",
+        "pairs_same",
+        "pairs_diff",
+    ),
+    "similarity": ("last_block", "final_norm", "max", "<layer>.mean", "<layer>.std"),
+    "invariance": ("<aug>.linv", "<aug>.ldiv"),
+    "variance": (
+        "shift[_global]@<size>",
+        "r0[_global]",
+        "r[_global]@<size>",
+        "khat[_global]@<size>",
+        "c[_global]@<size>",
+        "var_x[_global]@<size>",
+        "var_p[_global]@<size>",
+        "shift[_global]@<size>/<interp>",
+        "var_p[_global]@<size>/<interp>",
+        "top1@<size>/<rescale>",
+        "nll@<size>/<rescale>",
+        "c@<size>/<rescale>",
+    ),
+}
+_PATTERNS: dict[str, list[re.Pattern]] = {}
+
+
+def _compile(template: str) -> re.Pattern:
+    parts = re.split(r"(<head>\.|<\w+>|\[_\w+\])", template)
+    return re.compile("".join(_PH.get(p, re.escape(p)) for p in parts) + "$")
+
+
+def known_metric(probe: str, key: str) -> bool:
+    """Whether `key` can be a metric of `probe` (by the templates in METRICS)."""
+    if probe not in _PATTERNS:
+        _PATTERNS[probe] = [_compile(t) for t in METRICS.get(probe, ())]
+    return any(p.match(key) for p in _PATTERNS[probe])
+
+
+def _readable(templates: Sequence[str]) -> str:
+    text = ", ".join(t.replace("<head>.", "").replace("[_wmean]", "") for t in templates)
+    if any("<head>." in t for t in templates):
+        text += " (a second head's metrics start with dist., e.g. dist.nc1"
+        if any("[_wmean]" in t for t in templates):
+            text += "; with imbalanced classes the μ_G ones also come with _wmean"
+        text += ")"
+    return text
+
+
+# -- thresholds ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """`metric op value`, or `metric within [low, high]` (both ends included)."""
+
+    text: str
+    metric: str
+    op: str  # one of OPS or "within"
+    value: float = math.nan
+    low: float = math.nan
+    high: float = math.nan
+    line: int | None = None
+
+    @property
+    def probe(self) -> str:
+        return self.metric.split(".", 1)[0]
+
+    @property
+    def key(self) -> str:
+        return self.metric.split(".", 1)[1]
+
+    def expected(self) -> str:
+        if self.op == "within":
+            return f"within [{self.low:g}, {self.high:g}]"
+        return f"{self.op} {self.value:g}"
+
+    def holds(self, measured: float) -> bool:
+        if measured is None or not math.isfinite(measured):
+            return False
+        if self.op == "within":
+            return self.low <= measured <= self.high
+        return {
+            "<": measured < self.value,
+            "<=": measured <= self.value,
+            ">": measured > self.value,
+            ">=": measured >= self.value,
+        }[self.op]
+
+
+def _where(source: str, line: int | None) -> str:
+    return f"{source} line {line}" if line else source
+
+
+def parse_threshold(text: str, *, source: str = "check", line: int | None = None) -> Threshold:
+    """One threshold string; a VitdiagError naming `source` and `line` when it is not one."""
+    if not isinstance(text, str):
+        raise VitdiagError(
+            f'{_where(source, line)}: every check must be a string like "eval.top1 >= 0.85", '
+            f"got {text!r}."
+        )
+    m = _WITHIN.match(text)
+    if m:
+        lo, hi = float(m["lo"]), float(m["hi"])
+        if lo > hi:
+            raise VitdiagError(
+                f"{_where(source, line)}: {text!r} has an empty range (low {lo:g} > high {hi:g})."
+            )
+        t = Threshold(text, m["metric"], "within", low=lo, high=hi, line=line)
+    elif m := _COMPARE.match(text):
+        t = Threshold(text, m["metric"], m["op"], value=float(m["value"]), line=line)
+    else:
+        raise VitdiagError(
+            f"{_where(source, line)}: {text!r} is not a threshold; write METRIC OP NUMBER with OP "
+            'one of <, <=, >, >= (e.g. "collapse.nc1 < 0.5") or METRIC within [LOW, HIGH].'
+        )
+    validate_metric(t, source)
+    return t
+
+
+def validate_metric(t: Threshold, source: str = "check") -> None:
+    """Probe known and key plausible for that probe; the message lists the valid names."""
+    if "." not in t.metric:
+        raise VitdiagError(
+            f"{_where(source, t.line)}: {t.metric!r} names no probe; write <probe>.<metric>, "
+            f"e.g. eval.top1 (probes: {', '.join(METRICS)})."
+        )
+    if t.probe not in METRICS:
+        raise VitdiagError(
+            f"{_where(source, t.line)}: {t.probe!r} in {t.metric!r} is not a probe; "
+            f"probes: {', '.join(METRICS)}."
+        )
+    if not known_metric(t.probe, t.key):
+        raise VitdiagError(
+            f"{_where(source, t.line)}: {t.key!r} is not a metric of {t.probe}; valid "
+            f"{t.probe} metrics: {_readable(METRICS[t.probe])}."
+        )
+
+
+def sizes_from(thresholds: Iterable[Threshold]) -> list[int | tuple[int, int]]:
+    """Test sizes that variance thresholds name (shift@48, top1@48x64/none, ...)."""
+    out: list[int | tuple[int, int]] = []
+    for t in thresholds:
+        if t.probe != "variance":
+            continue
+        m = re.search(r"@(\d+)(?:x(\d+))?(?:/|$)", t.key)
+        if m:
+            size = int(m[1]) if m[2] is None else (int(m[1]), int(m[2]))
+            if size not in out:
+                out.append(size)
+    return out
+
+
+# -- config -------------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckConfig:
+    """What `vitdiag check` reads from vitdiag.toml or [tool.vitdiag]."""
+
+    path: Path
+    checks: list[Threshold]
+    data: str | None = None
+    train: str | None = None
+    sizes: list[int | tuple[int, int]] = field(default_factory=list)
+    limit: int | None = None
+    batch_size: int = 64
+    seed: int = 0
+    per_class: int | None = None
+    workers: int = 0
+    aug: str = "all"
+    views: int = 4
+    embedding: str = "prelogits"
+    pairs: int = 64
+    nc4_budget: int = 10_000
+
+    @property
+    def probes(self) -> set[str]:
+        return {t.probe for t in self.checks}
+
+    @property
+    def all_sizes(self) -> list[int | tuple[int, int]]:
+        out = list(self.sizes)
+        out += [s for s in sizes_from(self.checks) if s not in out]
+        return out
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "data": (str,),
+    "train": (str,),
+    "sizes": (list,),
+    "limit": (int,),
+    "batch_size": (int,),
+    "seed": (int,),
+    "per_class": (int,),
+    "workers": (int,),
+    "aug": (str, list),
+    "views": (int,),
+    "embedding": (str,),
+    "pairs": (int,),
+    "nc4_budget": (int,),
+    "checks": (list,),
+}
+_KIND = {int: "an integer", str: "a string", list: "a list"}
+_POSITIVE = ("limit", "batch_size", "per_class", "views", "pairs", "nc4_budget")
+
+
+def _toml():
+    try:
+        import tomllib
+
+        return tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli
+
+            return tomli
+        except ModuleNotFoundError:
+            raise VitdiagError(
+                "reading a TOML config needs Python 3.11 or newer, or `pip install tomli`."
+            ) from None
+
+
+def find_config(start: Path | None = None) -> Path:
+    """./vitdiag.toml, else ./pyproject.toml when it has a [tool.vitdiag] table."""
+    here = Path(start or ".")
+    if (here / "vitdiag.toml").is_file():
+        return here / "vitdiag.toml"
+    py = here / "pyproject.toml"
+    if py.is_file() and re.search(r"^\s*\[tool\.vitdiag\]", py.read_text(), re.M):
+        return py
+    raise VitdiagError(
+        "no config found: give --config FILE, or put vitdiag.toml (or a [tool.vitdiag] table "
+        "in pyproject.toml) in the current folder."
+    )
+
+
+def _line_of(lines: Sequence[str], text: str, after: int) -> int | None:
+    """1-based line holding the string `text` (searched from line `after` on), if found."""
+    for needle in (text, text.replace("\\", "\\\\").replace('"', '\\"')):
+        for i in range(max(after, 0), len(lines)):
+            if needle in lines[i]:
+                return i + 1
+    return None
+
+
+def _resolve_data(value: str, base: Path) -> str:
+    # Paths are relative to the config file (CI runs from anywhere); specs like
+    # "synthetic:16" or "torch/cifar10:ROOT" do not exist on disk and pass through.
+    p = Path(value).expanduser()
+    if not p.is_absolute() and (base / p).exists():
+        return str(base / p)
+    return value
+
+
+def load_config(path: Path | str) -> CheckConfig:
+    """Read and validate a config; any problem is a VitdiagError (exit 2) naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise VitdiagError(f"config {path} does not exist; give the path of a vitdiag.toml.")
+    raw = path.read_text(encoding="utf-8")
+    toml = _toml()
+    try:
+        doc = toml.loads(raw)
+    except toml.TOMLDecodeError as e:
+        raise VitdiagError(f"{path}: not valid TOML ({e}).") from None
+    section = "[tool.vitdiag]"
+    table = doc.get("tool", {}).get("vitdiag") if isinstance(doc.get("tool"), dict) else None
+    if table is None:
+        if path.name == "pyproject.toml":
+            raise VitdiagError(f"{path} has no [tool.vitdiag] table; add one with checks = [...].")
+        table, section = doc, "the top level"
+    unknown = sorted(set(table) - set(_TYPES) - ({"tool"} if table is doc else set()))
+    if unknown:
+        raise VitdiagError(
+            f"{path}: unknown key(s) {', '.join(unknown)} in {section}; "
+            f"valid keys: {', '.join(_TYPES)}."
+        )
+    for key, value in table.items():
+        if key in _TYPES and (
+            not isinstance(value, _TYPES[key]) or isinstance(value, bool) and int in _TYPES[key]
+        ):
+            kinds = " or ".join(_KIND[t] for t in _TYPES[key])
+            raise VitdiagError(f"{path}: {key} must be {kinds}, got {value!r}.")
+        if key in _POSITIVE and value <= 0:
+            raise VitdiagError(f"{path}: {key} must be positive, got {value}.")
+    checks = table.get("checks")
+    if not checks:
+        raise VitdiagError(
+            f'{path}: no checks; add checks = ["eval.top1 >= 0.85", ...] to {section}.'
+        )
+    lines = raw.splitlines()
+    parsed, after = [], 0
+    for text in checks:
+        line = _line_of(lines, text, after) if isinstance(text, str) else None
+        parsed.append(parse_threshold(text, source=str(path), line=line))
+        after = line or after
+    sizes: list[int | tuple[int, int]] = []
+    for s in table.get("sizes", []):
+        if isinstance(s, int) and not isinstance(s, bool) and s > 0:
+            sizes.append(s)
+        elif isinstance(s, str) and re.fullmatch(r"\d+x\d+", s):
+            sizes.append(tuple(int(v) for v in s.split("x")))  # type: ignore[arg-type]
+        else:
+            raise VitdiagError(
+                f'{path}: sizes must be positive pixel sizes like [224, 384] or "224x320", '
+                f"got {s!r}."
+            )
+    base = path.resolve().parent
+    aug = table.get("aug", "all")
+    return CheckConfig(
+        path=path,
+        checks=parsed,
+        data=_resolve_data(table["data"], base) if "data" in table else None,
+        train=_resolve_data(table["train"], base) if "train" in table else None,
+        sizes=sizes,
+        limit=table.get("limit"),
+        batch_size=table.get("batch_size", 64),
+        seed=table.get("seed", 0),
+        per_class=table.get("per_class"),
+        workers=table.get("workers", 0),
+        aug=",".join(aug) if isinstance(aug, list) else aug,
+        views=table.get("views", 4),
+        embedding=table.get("embedding", "prelogits"),
+        pairs=table.get("pairs", 64),
+        nc4_budget=table.get("nc4_budget", 10_000),
+    )
+
+
+# -- judging --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    threshold: Threshold
+    measured: float | None
+    passed: bool
+
+    @property
+    def message(self) -> str:
+        t = self.threshold
+        if self.measured is None or not math.isfinite(self.measured):
+            return f"{t.metric} was not measured (NaN), expected {t.expected()}"
+        verdict = "ok" if self.passed else "FAILED"
+        return f"{t.metric} = {self.measured:.6g}, expected {t.expected()}: {verdict}"
+
+
+def judge(thresholds: Sequence[Threshold], results: Iterable[Any]) -> list[Outcome]:
+    """Compare each threshold with the measured value; a name the run did not produce is a
+    config error (the valid names of that probe, as measured, are listed)."""
+    by_probe = {r.probe: r.metrics for r in results}
+    outcomes = []
+    for t in thresholds:
+        metrics = by_probe.get(t.probe)
+        if metrics is None:
+            raise VitdiagError(f"{t.metric}: the {t.probe} probe produced no result.")
+        if t.key not in metrics:
+            raise VitdiagError(
+                f"{t.metric}: {t.key!r} is not a metric of {t.probe} for this model and data; "
+                f"valid {t.probe} metrics: {', '.join(metrics)}."
+            )
+        value = metrics[t.key]
+        value = None if value is None else float(value)
+        outcomes.append(Outcome(t, value, t.holds(value)))
+    return outcomes
+
+
+def render_outcomes(
+    outcomes: Sequence[Outcome], console: Any, title: str = "vitdiag check"
+) -> None:
+    from rich.table import Table as RichTable
+
+    from vitdiag.report import fmt
+
+    table = RichTable(title=title, title_justify="left")
+    for col in ("check", "measured", "expected", "result"):
+        table.add_column(col)
+    for o in outcomes:
+        result = "[green]pass[/green]" if o.passed else "[bold red]FAIL[/bold red]"
+        table.add_row(o.threshold.metric, fmt(o.measured), o.threshold.expected(), result)
+    console.print(table)
+    failed = sum(not o.passed for o in outcomes)
+    if failed:
+        console.print(f"[bold red]{failed} of {len(outcomes)} checks failed[/bold red]")
+    else:
+        console.print(f"[green]all {len(outcomes)} checks passed[/green]")
+
+
+def junit_xml(
+    outcomes: Sequence[Outcome],
+    *,
+    suite: str = "vitdiag check",
+    seconds: float = 0.0,
+    properties: dict[str, Any] | None = None,
+) -> bytes:
+    """JUnit XML: one testcase per threshold (name = the threshold as written), a failure
+    element carrying the measured value for each one that did not hold."""
+    import xml.etree.ElementTree as ET
+
+    failures = sum(not o.passed for o in outcomes)
+    counts = dict(tests=str(len(outcomes)), failures=str(failures), errors="0")
+    root = ET.Element("testsuites", name="vitdiag", time=f"{seconds:.3f}", **counts)
+    ts = ET.SubElement(root, "testsuite", name=suite, skipped="0", time=f"{seconds:.3f}", **counts)
+    if properties:
+        props = ET.SubElement(ts, "properties")
+        for k, v in properties.items():
+            ET.SubElement(props, "property", name=str(k), value="" if v is None else str(v))
+    for o in outcomes:
+        t = o.threshold
+        case = ET.SubElement(ts, "testcase", classname=f"vitdiag.{t.probe}", name=t.text, time="0")
+        if not o.passed:
+            measured = "NaN" if o.measured is None else repr(o.measured)
+            failure = ET.SubElement(
+                case, "failure", type="threshold", message=o.message, measured=measured
+            )
+            failure.text = f"measured {t.metric} = {measured}; expected {t.expected()}"
+    ET.indent(root)
+    return b'<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="utf-8")

@@ -1,0 +1,518 @@
+"""Every probe that applies to a model, one pass per dataset: the library behind `report`/`check`.
+
+The engine already feeds every probe from one forward per batch; this module decides which
+probes apply (from the family table and the data), builds them, and arranges the passes:
+
+- the training data (``source``) feeds collapse, mixup geometry, similarity and invariance;
+- the validation data (``val_source``, else ``source``) feeds eval, calibration and variance;
+- with a single dataset everything shares one pass, with two there is one pass per dataset.
+
+Extra forwards happen only where a probe needs other inputs than the clean batch: augmented
+views (invariance), mixed pairs (mixup geometry), a rescaled position table, and other image
+sizes (variance: one pass per extra size, plus one for the empirical table when labelled).
+The variance probe's native-size numbers come from the shared pass, which is why this module
+drives the variance passes itself instead of calling `variance_study` with data: that function
+runs its own native pass, one clean forward per batch too many here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from vitdiag.errors import VitdiagError
+from vitdiag.results import Result
+
+# Result order in reports: data-free first, then the validation probes, then the training ones.
+PROBES = (
+    "classifier",
+    "eval",
+    "calibration",
+    "variance",
+    "collapse",
+    "mixup_geometry",
+    "similarity",
+    "invariance",
+)
+TRAIN_PROBES = frozenset({"collapse", "mixup_geometry", "similarity", "invariance"})
+VAL_PROBES = frozenset({"eval", "calibration", "variance"})
+LABELLED_PROBES = frozenset({"calibration", "collapse", "mixup_geometry"})
+
+
+@dataclass
+class Settings:
+    """Data, device and probe options shared by every pass (the CLI's common options)."""
+
+    batch_size: int = 64
+    workers: int = 0
+    limit: int | None = None
+    seed: int = 0
+    strict: bool = False
+    per_class: int | None = None  # training-data subsample (collapse, mixup geometry)
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    interpolation: str | None = None
+    crop_pct: float | None = None
+    device: str = "auto"
+    amp: str = "off"
+    channels_last: bool = False
+    quiet: bool = True
+    # probes
+    layers: list[str] | None = None
+    aug: str | Sequence[str] = "all"
+    views: int = 4
+    embedding: str = "prelogits"
+    alpha: str | float | None = None
+    nc4_budget: int = 10_000
+    pairs: int = 64
+    train_mode: bool = False
+    bins: int = 15
+    table_interpolations: Sequence[str] = ("bicubic",)
+    rescales: Sequence[str | float] = ("none", "sqrt-axis", "sqrt-area", "empirical")
+    reduction: str = "per-token"
+
+
+class Results(list):
+    """A ``list[Result]`` that also says how it was obtained.
+
+    data: dataset role ("data", "val") -> the source's description with the images used;
+    skipped: probe -> why it does not apply; passes: one label per engine pass, in order.
+    """
+
+    def __init__(self, items: Iterable[Result] = ()) -> None:
+        super().__init__(items)
+        self.data: dict[str, dict] = {}
+        self.skipped: dict[str, str] = {}
+        self.passes: list[str] = []
+        self.seconds = 0.0
+        self.world_size = 1
+
+
+@dataclass
+class Plan:
+    """Which probes run on which dataset, and why the others do not."""
+
+    train: list[str] = field(default_factory=list)
+    val: list[str] = field(default_factory=list)
+    classifier: bool = False
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def probes(self) -> list[str]:
+        chosen = set(self.train) | set(self.val) | ({"classifier"} if self.classifier else set())
+        return [p for p in PROBES if p in chosen]
+
+
+def parse_probes(text: str | Iterable[str] | None) -> set[str] | None:
+    """A comma list (or iterable) of probe names, checked; None or "all" means every probe."""
+    if text is None:
+        return None
+    items = text.split(",") if isinstance(text, str) else list(text)
+    names = {v.strip().lower().replace("-", "_") for v in items if v.strip()}
+    if "all" in names:
+        return None
+    unknown = sorted(names - set(PROBES))
+    if unknown or not names:
+        raise VitdiagError(
+            f"unknown probe(s) {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(PROBES)} (or all)."
+        )
+    return names
+
+
+def _why_not(name: str, loaded: Any, train: Any, val: Any) -> str | None:
+    """None if probe `name` applies to this model and data, else one sentence why not."""
+    model = loaded.model
+    if name != "classifier" and (val if name in VAL_PROBES else train) is None:
+        return "it needs images: give a dataset (--data)."
+    if name in ("classifier", "collapse", "mixup_geometry"):
+        from vitdiag.probes.collapse import classifier_heads
+
+        try:
+            classifier_heads(model)
+        except VitdiagError as e:
+            return str(e)
+    if name in LABELLED_PROBES:
+        data = val if name in VAL_PROBES else train
+        if data is not None and not data.labelled:
+            which = "--val" if name in VAL_PROBES and val is not train else "--data"
+            return f"it needs labelled images (class sub-folders) and the {which} data has none."
+    if name == "similarity":
+        from vitdiag.families import family_of
+
+        try:
+            family_of(model).layer_taps(model)
+        except VitdiagError as e:
+            return str(e)
+    if name == "variance":
+        from vitdiag.posembed import require_abs_pos
+
+        try:
+            require_abs_pos(model, "the variance-shift probe")
+        except VitdiagError as e:
+            return str(e)
+    return None
+
+
+def plan_probes(
+    loaded: Any, source: Any, val_source: Any = None, probes: set[str] | None = None
+) -> Plan:
+    """Decide the probes: all that apply when `probes` is None; asking for one that does not
+    apply is an error (a check could never be evaluated)."""
+    val = val_source if val_source is not None else source
+    plan = Plan()
+    wanted = list(PROBES) if probes is None else [p for p in PROBES if p in probes]
+    for name in wanted:
+        why = _why_not(name, loaded, source, val)
+        if why is not None:
+            if probes is not None:
+                raise VitdiagError(f"the {name} probe does not apply here: {why}")
+            plan.skipped[name] = why
+        elif name == "classifier":
+            plan.classifier = True
+        elif name in TRAIN_PROBES:
+            plan.train.append(name)
+        else:
+            plan.val.append(name)
+    return plan
+
+
+def open_source(data: Any, settings: Settings) -> Any:
+    """An `ImageSource` from a path/spec string, or the source itself."""
+    if data is None or not isinstance(data, str) and not hasattr(data, "__fspath__"):
+        return data
+    from vitdiag.data import open_dataset
+
+    return open_dataset(str(data), strict=settings.strict, seed=settings.seed)
+
+
+def label_notes(loaded: Any, source: Any) -> list[str]:
+    """Refuse data with more classes than outputs; note when class folders differ from labels."""
+    if not source.labelled or source.classes is None:
+        return []
+    if len(source.classes) > loaded.num_classes:
+        raise VitdiagError(
+            f"the data has {len(source.classes)} classes but the model has {loaded.num_classes} "
+            "outputs; point --data at a dataset with the model's classes."
+        )
+    names = loaded.provenance.get("label_names")
+    if names and list(names) != list(source.classes):
+        return [
+            "the data's class folders are not named like the checkpoint's label_names; "
+            "accuracy assumes folder order = output order."
+        ]
+    return []
+
+
+def run_all(
+    loaded: Any,
+    source: Any,
+    *,
+    probes: set[str] | Iterable[str] | str | None = None,
+    val_source: Any = None,
+    sizes: Sequence[int] | None = None,
+    settings: Settings | None = None,
+    **options: Any,
+) -> Results:
+    """Run every probe that applies (or those in `probes`) with one engine pass per dataset.
+
+    loaded: a `vitdiag.load(...)` result. source / val_source: `open_dataset(...)` sources or
+    path strings; val_source defaults to source, and source None runs the data-free probes
+    only. sizes: extra test sizes for the variance probe. Options are `Settings` fields
+    (batch_size=32, limit=100, device="cuda", ...).
+    Under torchrun every rank must call this; data are sharded and the sums all-reduced, so
+    every rank returns the same results.
+    """
+    from vitdiag.engine import init_distributed
+
+    s = dataclasses.replace(settings or Settings(), **options)
+    wanted = parse_probes(probes) if isinstance(probes, str) else probes
+    if wanted is not None:
+        wanted = parse_probes(list(wanted))
+    source = open_source(source, s)
+    val_source = open_source(val_source, s)
+    plan = plan_probes(loaded, source, val_source, wanted)
+    init_distributed()
+
+    out = Results()
+    out.skipped = dict(plan.skipped)
+    found: dict[str, Result] = {}
+    if plan.classifier:
+        from vitdiag.probes.collapse import classifier_result
+
+        found["classifier"] = classifier_result(loaded.model)
+
+    start = time.perf_counter()
+    if source is not None and (val_source is None or val_source is source):
+        groups = [("data", source, plan.train + plan.val)]
+    else:
+        groups = [("data", source, plan.train), ("val", val_source, plan.val)]
+    for role, data, names in groups:
+        if not names:
+            continue
+        found.update(_one_pass(loaded, data, role, names, sizes, s, out))
+    out.seconds = time.perf_counter() - start
+    out.extend(found[p] for p in PROBES if p in found)
+    return out
+
+
+def _transform(loaded: Any, s: Settings, size: Any):
+    from vitdiag.data import eval_transform
+
+    return eval_transform(
+        loaded.data_config,
+        size,
+        mean=s.mean,
+        std=s.std,
+        interpolation=s.interpolation,
+        crop_pct=s.crop_pct,
+    )
+
+
+def _loader(source: Any, transform: Any, s: Settings, per_class: int | None = None):
+    from vitdiag.data import make_loader
+    from vitdiag.engine import init_distributed
+
+    rank, world = init_distributed()
+    return make_loader(
+        source,
+        transform,
+        batch_size=s.batch_size,
+        workers=s.workers,
+        limit=s.limit,
+        seed=s.seed,
+        rank=rank,
+        world_size=world,
+        per_class=per_class,
+    )
+
+
+def _engine(loaded: Any, batches: Any, probes: list, s: Settings, what: str, total: int | None):
+    from vitdiag.engine import run_probes
+
+    return run_probes(
+        loaded.model,
+        batches,
+        probes,
+        device=s.device,
+        amp=s.amp,
+        channels_last=s.channels_last,
+        seed=s.seed,
+        loaded=loaded,
+        total_images=total,
+        quiet=s.quiet,
+        description=what,
+    )
+
+
+def _build(name: str, loaded: Any, transform: Any, s: Settings):
+    model = loaded.model
+    if name == "eval":
+        from vitdiag.probes.accuracy import AccuracyProbe
+
+        return AccuracyProbe()
+    if name == "calibration":
+        from vitdiag.probes.calibration import CalibrationProbe
+
+        return CalibrationProbe(s.bins)
+    if name == "collapse":
+        from vitdiag.probes.collapse import CollapseProbe
+
+        return CollapseProbe.for_model(model, budget=s.nc4_budget, seed=s.seed)
+    if name == "mixup_geometry":
+        from vitdiag.probes.mixup_geometry import MixupGeometryProbe
+
+        return MixupGeometryProbe.for_model(
+            model, pairs=s.pairs, seed=s.seed, train_mode=s.train_mode
+        )
+    if name == "similarity":
+        from vitdiag.probes.similarity import SimilarityProbe
+
+        return SimilarityProbe(s.layers)
+    if name == "invariance":
+        from vitdiag.augmentations import parse_alpha, parse_augmentations
+        from vitdiag.probes.invariance import InvarianceProbe
+
+        cfg = transform.config
+        return InvarianceProbe(
+            parse_augmentations(s.aug),
+            views=s.views,
+            embedding=s.embedding,
+            alpha=parse_alpha(s.alpha),
+            mean=cfg["mean"],
+            std=cfg["std"],
+            size=tuple(cfg["input_size"][1:]),
+            interpolation=cfg["interpolation"],
+        )
+    if name == "variance":
+        from vitdiag.posembed import native_of
+        from vitdiag.probes.variance import VarianceShiftProbe, _fixed_groups
+
+        native = native_of(loaded)
+        groups = _fixed_groups(
+            s.rescales,
+            tuple(loaded.img_size),
+            tuple(native.native_size),
+            native.model,
+            model,
+            s.table_interpolations[0],
+        )
+        return VarianceShiftProbe(groups, measure_x=True, accuracy=True)
+    raise ValueError(f"unknown probe {name}")  # pragma: no cover - PROBES is closed
+
+
+def _one_pass(
+    loaded: Any,
+    source: Any,
+    role: str,
+    names: list[str],
+    sizes: Sequence[int] | None,
+    s: Settings,
+    out: Results,
+) -> dict[str, Result]:
+    notes = label_notes(loaded, source)
+    transform = _transform(loaded, s, loaded.img_size)
+    per_class = s.per_class if any(n in TRAIN_PROBES for n in names) else None
+    loader = _loader(source, transform, s, per_class)
+    variance_here = "variance" in names and _at_native(loaded)
+    # Variance at a non-native size cannot share this pass: it owns its passes entirely.
+    shared = [n for n in names if n != "variance" or variance_here]
+    probes = {n: _build(n, loaded, transform, s) for n in shared}
+    summary = _engine(loaded, loader, list(probes.values()), s, role, loader.n_images)
+    out.passes.append(role)
+    out.world_size = summary.world_size
+    desc = dict(source.describe(), n_images=summary.n_images, n_unreadable=summary.n_unreadable)
+    out.data[role] = desc
+    found = {}
+    for name, result in zip(shared, summary.results, strict=True):
+        if name == "variance":
+            continue
+        found[name] = result
+    if "variance" in names:
+        native_probe = probes.get("variance")
+        found["variance"] = _variance(loaded, source, sizes or [], native_probe, summary, s, out)
+    extra_notes = list(notes)
+    if summary.n_unreadable:
+        extra_notes.append(
+            f"{summary.n_unreadable} unreadable image(s) were skipped (--strict fails instead)."
+        )
+    for name, result in found.items():
+        result.notes.extend(extra_notes)
+        result.extra["dataset"] = role
+        if name == "calibration" and role == "data" and "val" not in out.data:
+            result.notes.append(
+                "measured on --data: give --val for calibration on held-out images."
+            )
+    return found
+
+
+def _at_native(loaded: Any) -> bool:
+    return tuple(loaded.img_size) == tuple(loaded.native_size)
+
+
+def _variance(
+    loaded: Any,
+    source: Any,
+    sizes: Sequence[int],
+    native_probe: Any,
+    native_summary: Any,
+    s: Settings,
+    out: Results,
+) -> Result:
+    """The variance study, its native numbers taken from the shared pass when there is one.
+
+    `variance_study` without data gives the table part (Var P at every size, sizes validated)
+    and the bookkeeping; the data passes below are the study's own, minus its native pass.
+    """
+    from vitdiag.engine import resolve_device
+    from vitdiag.posembed import build_at_size, size_label, swapped_table, target_table
+    from vitdiag.probes.variance import (
+        _KEY,
+        RescaleGroup,
+        VarianceShiftProbe,
+        _fixed_groups,
+        variance_study,
+        variances_from_sums,
+    )
+
+    asked = list(sizes)
+    # The native size alone still gives r0 and Var P; naming it keeps the study from noting
+    # that it was "added".
+    sizes = asked or [tuple(loaded.native_size)]
+    common = dict(
+        interpolations=s.table_interpolations,
+        rescales=s.rescales,
+        reduction=s.reduction,
+        device=s.device,
+        amp=s.amp,
+        channels_last=s.channels_last,
+        seed=s.seed,
+        quiet=s.quiet,
+    )
+    if native_probe is None:  # the model runs at another size: the study owns every pass
+        study = variance_study(
+            loaded,
+            list(sizes),
+            batches_at=lambda at, size: _loader(source, _transform(at, s, size), s),
+            accuracy=source.labelled,
+            **common,
+        )
+        out.passes.extend(f"variance@{size_label(z)}" for z in study.readings)
+        return study.result()
+
+    study = variance_study(loaded, list(sizes), batches_at=None, accuracy=False, **common)
+    native = study.native
+    primary = study.primary
+    study.n_images, study.n_unreadable = native_summary.n_images, native_summary.n_unreadable
+    study.seconds = native_summary.seconds
+    reading = study.readings[native]
+    reading.var_x = variances_from_sums(native_probe.x_sums)
+    labelled = native_probe.accuracy and float(native_probe.n_labelled) > 0
+    if labelled:
+        study.labelled = True
+        reading.accuracy.update(native_probe.accuracy_by_name())
+    if not study.r0(_KEY[s.reduction]) > 0:
+        raise VitdiagError(
+            "the patch embedding has zero variance on this data, so r0 is undefined; "
+            "check the images and the normalisation."
+        )
+    src = study.native_loaded.model
+    dev = resolve_device(s.device)
+    for size in list(study.readings):
+        if size == native:
+            continue
+        at = build_at_size(study.native_loaded, size, c=1.0, interpolation=primary)
+        # On the device before a table is swapped, so the saved table is not stranded.
+        at.model.to(dev)
+        batches = _loader(source, _transform(at, s, size), s)
+        groups = _fixed_groups(s.rescales, size, native, src, at.model, primary) if labelled else []
+        probe = VarianceShiftProbe(groups, measure_x=True, accuracy=labelled)
+        label = f"variance@{size_label(size)}"
+        summary = _engine(at, batches, [probe], s, label, batches.n_images)
+        out.passes.append(label)
+        study.seconds += summary.seconds
+        study.readings[size].var_x = variances_from_sums(probe.x_sums)
+        if labelled:
+            study.readings[size].accuracy.update(probe.accuracy_by_name())
+            if "empirical" in list(s.rescales):
+                c = study.c_empirical(size)
+                table = target_table(src, at.model, c, primary)
+                probe = VarianceShiftProbe(
+                    [RescaleGroup(["empirical"], c, None)], measure_x=False, accuracy=True
+                )
+                with swapped_table(at.model, table):
+                    summary = _engine(at, batches, [probe], s, f"{label} empirical", None)
+                out.passes.append(f"{label} empirical")
+                study.seconds += summary.seconds
+                study.readings[size].accuracy.update(probe.accuracy_by_name())
+        del at
+    if not labelled:
+        study.notes.append("the data has no labels, so accuracy under each rescale is not shown.")
+    if not asked:
+        study.notes.append("only the native size was measured: give sizes (--sizes) for shifts.")
+    for rd in study.readings.values():
+        rd.accuracy = {n: rd.accuracy[n] for n in study.rescales if n in rd.accuracy}
+    return study.result()
