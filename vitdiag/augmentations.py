@@ -54,8 +54,10 @@ MIXING: frozenset[str] = frozenset({"mixup", "cutmix"})
 DEFAULT_ALPHA: dict[str, float] = {"mixup": 0.8, "cutmix": 1.0}
 
 # timm's DeiT/ViT training recipe (`--aa rand-m9-mstd0.5-inc1`) and the AutoAugment paper's
-# ImageNet policy; timm 1.0.31 has no TrivialAugment, so torchvision's is used.
-RANDAUGMENT_CONFIG = "rand-m9-mstd0.5-inc1"
+# ImageNet policy; timm 1.0.31 has no TrivialAugment, so torchvision's is used. The magnitude is
+# clipped at 9 (`mmax9`): at 10, timm's increasing posterize asks for 0 bits, which recent
+# Pillow refuses (ValueError), so an unlucky magnitude draw would abort the whole run.
+RANDAUGMENT_CONFIG = "rand-m9-mstd0.5-inc1-mmax9"
 AUTOAUGMENT_CONFIG = "original"
 COLOR_JITTER = 0.4
 RRC_SCALE = (0.08, 1.0)
