@@ -6,7 +6,6 @@ model is loaded where possible). Only the probes the thresholds name are run.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -65,7 +64,7 @@ def check(
             'data = "path/to/val" (and optionally train = "path/to/train") or pass --data.'
         )
 
-    from vitdiag.commands.common import console, load_model
+    from vitdiag.commands.common import console, json_to_stdout, load_model, write_json_text
     from vitdiag.engine import is_main_process
     from vitdiag.model import describe
     from vitdiag.results import _jsonable, document, dumps, write_atomic
@@ -108,7 +107,7 @@ def check(
     outcomes = judge(cfg.checks, results)
     failed = [x for x in outcomes if not x.passed]
     if is_main_process():
-        to_stdout = json_out is not None and str(json_out) == "-"
+        to_stdout = json_to_stdout(json_out)
         label = Path(ckpt).name if ckpt else f"{arch} (random)"
         render_outcomes(outcomes, console(stderr=to_stdout), title=f"vitdiag check — {label}")
         if junit is not None:
@@ -137,10 +136,6 @@ def check(
                 }
                 for x in outcomes
             ]
-            text = dumps(_jsonable(doc))
-            if to_stdout:
-                sys.stdout.write(text)
-            else:
-                write_atomic(Path(json_out), text.encode())
+            write_json_text(dumps(_jsonable(doc)), json_out)
     if failed:
         raise CheckFailed(f"{len(failed)} of {len(outcomes)} checks failed")

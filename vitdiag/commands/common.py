@@ -153,6 +153,21 @@ def label_check(loaded, source) -> list[str]:
     return notes
 
 
+def json_to_stdout(json_path: Path | None) -> bool:
+    """`--json -` sends the document to stdout; the tables for people then go to stderr."""
+    return json_path is not None and str(json_path) == "-"
+
+
+def write_json_text(text: str, json_path: Path) -> None:
+    """The JSON document to stdout (`-`) or to a file, written atomically."""
+    from vitdiag.results import write_atomic
+
+    if json_to_stdout(json_path):
+        sys.stdout.write(text)
+    else:
+        write_atomic(Path(json_path), text.encode())
+
+
 def console(stderr: bool = False):
     from rich.console import Console
 
@@ -171,12 +186,11 @@ def emit(
     """Print the tables for people and, if asked, write the JSON document (rank 0 only)."""
     from vitdiag.engine import is_main_process
     from vitdiag.report import render
-    from vitdiag.results import document, dumps, write_atomic
+    from vitdiag.results import document, dumps
 
     if not is_main_process():
         return
-    to_stdout = json_path is not None and str(json_path) == "-"
-    render(results, console(stderr=to_stdout), loaded=loaded, data=data)
+    render(results, console(stderr=json_to_stdout(json_path)), loaded=loaded, data=data)
     if json_path is None:
         return
     from vitdiag.model import describe
@@ -184,8 +198,4 @@ def emit(
     doc = document(command, results, describe(loaded) if loaded is not None else None, data)
     if run:
         doc["run"] = run
-    text = dumps(doc)
-    if to_stdout:
-        sys.stdout.write(text)
-    else:
-        write_atomic(Path(json_path), text.encode())
+    write_json_text(dumps(doc), json_path)

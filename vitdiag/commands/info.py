@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from vitdiag import options as o
-from vitdiag.commands.common import console, load_model
+from vitdiag.commands.common import console, json_to_stdout, load_model, write_json_text
 
 
 def info(
@@ -19,7 +19,7 @@ def info(
     from rich.table import Table
 
     from vitdiag.model import describe
-    from vitdiag.results import document, dumps, write_atomic
+    from vitdiag.results import document, dumps
 
     loaded = load_model(
         ckpt,
@@ -30,8 +30,7 @@ def info(
         native_size=native_size,
     )
     desc = describe(loaded)
-    to_stdout = json_out is not None and str(json_out) == "-"
-    out = console(stderr=to_stdout)
+    out = console(stderr=json_to_stdout(json_out))
     t = Table(title="Model", show_header=False, title_justify="left")
     t.add_column("field")
     t.add_column("value")
@@ -60,10 +59,4 @@ def info(
         a.add_row(item.name, str(item.value), item.source, item.override)
     out.print(a)
     if json_out is not None:
-        text = dumps(document("info", [], desc, None))
-        if to_stdout:
-            import sys
-
-            sys.stdout.write(text)
-        else:
-            write_atomic(json_out, text.encode())
+        write_json_text(dumps(document("info", [], desc, None)), json_out)

@@ -11,10 +11,12 @@ from vitdiag import options as o
 from vitdiag.commands.common import (
     DataOptions,
     console,
+    json_to_stdout,
     load_model,
     loader_for,
     open_data,
     transform_for,
+    write_json_text,
 )
 
 Checkpoints = Annotated[
@@ -103,7 +105,7 @@ def invariance(
     from vitdiag.model import at_size, describe
     from vitdiag.probes.invariance import EMBEDDINGS, InvarianceProbe, plot_invariance
     from vitdiag.report import render
-    from vitdiag.results import Result, Table, document, dumps, write_atomic
+    from vitdiag.results import Result, Table, document, dumps
 
     # Validate everything cheap before loading a single model.
     aug_names = parse_augmentations(aug)
@@ -204,8 +206,7 @@ def invariance(
                 notes=notes,
             )
         ]
-    to_stdout = json_out is not None and str(json_out) == "-"
-    out = console(stderr=to_stdout)
+    out = console(stderr=json_to_stdout(json_out))
     render(shown, out, loaded=first_loaded, data=data_desc)
     if plot is not None:
         written = plot_invariance(list(zip(labels, results, strict=True)), plot)
@@ -220,10 +221,4 @@ def invariance(
         "seconds": sum(s.seconds for s in summaries),
         "world_size": summaries[0].world_size,
     }
-    text = dumps(doc)
-    if to_stdout:
-        import sys
-
-        sys.stdout.write(text)
-    else:
-        write_atomic(Path(json_out), text.encode())
+    write_json_text(dumps(doc), json_out)

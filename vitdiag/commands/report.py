@@ -12,7 +12,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -403,10 +402,17 @@ def report(
 ) -> None:
     """Run every probe that applies in one pass per dataset and write a report folder."""
     from vitdiag import __version__
-    from vitdiag.commands.common import console, load_model, parse_floats, parse_sizes
+    from vitdiag.commands.common import (
+        console,
+        json_to_stdout,
+        load_model,
+        parse_floats,
+        parse_sizes,
+        write_json_text,
+    )
     from vitdiag.engine import init_distributed, is_main_process
     from vitdiag.model import describe
-    from vitdiag.results import dumps, write_atomic
+    from vitdiag.results import dumps
     from vitdiag.runner import Settings, open_source, parse_probes, run_all
 
     wanted = parse_probes(probes)
@@ -481,15 +487,11 @@ def report(
         (folder / "report.md").write_text(md, encoding="utf-8")
 
     write_folder(out, fill, force)
-    to_stdout = json_out is not None and str(json_out) == "-"
-    con = console(stderr=to_stdout)
+    con = console(stderr=json_to_stdout(json_out))
     _print_summary(con, entries, data_desc)
     con.print(f"report written to {out / 'report.md'}")
     if json_out is not None:
-        if to_stdout:
-            sys.stdout.write(text)
-        else:
-            write_atomic(Path(json_out), text.encode())
+        write_json_text(text, json_out)
 
 
 def _print_summary(con: Any, entries: list[Entry], data: dict) -> None:
