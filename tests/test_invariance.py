@@ -183,7 +183,7 @@ def _reference(name: str):
         )
 
     return {
-        "randaugment": ("pil", rand_augment_transform("rand-m9-mstd0.5-inc1", hp())),
+        "randaugment": ("pil", rand_augment_transform(A.RANDAUGMENT_CONFIG, hp())),
         "autoaugment": ("pil", auto_augment_transform("original", hp())),
         "trivialaugment": ("pil", TrivialAugmentWide()),
         "colorjitter": ("pil", ColorJitter(0.4, 0.4, 0.4)),
