@@ -275,16 +275,6 @@ def family_of(model: Any) -> Family:
     )
 
 
-def family_for_arch(arch: str) -> Family | None:
-    """The family an architecture name belongs to, or None (longest matching prefix wins)."""
-    best: tuple[int, Family | None] = (0, None)
-    for fam in FAMILIES:
-        for p in fam.arch_prefixes:
-            if arch.startswith(p) and len(p) > best[0]:
-                best = (len(p), fam)
-    return best[1]
-
-
 def families_for_keys(keys: Any) -> list[Family]:
     """Families whose key signature a state dict carries, the most specific signature first."""
     import re

@@ -10,9 +10,8 @@ probes apply (from the family table and the data), builds them, and arranges the
 Extra forwards happen only where a probe needs other inputs than the clean batch: augmented
 views (invariance), mixed pairs (mixup geometry), a rescaled position table, and other image
 sizes (variance: one pass per extra size, plus one for the empirical table when labelled).
-The variance probe's native-size numbers come from the shared pass, which is why this module
-drives the variance passes itself instead of calling `variance_study` with data: that function
-runs its own native pass, one clean forward per batch too many here.
+The variance probe's native-size numbers come from the shared pass: `variance_study` is handed
+that probe (`native_pass`) and reads the data again only at the other sizes.
 """
 
 from __future__ import annotations
@@ -349,10 +348,10 @@ def _build(name: str, loaded: Any, transform: Any, s: Settings):
         )
     if name == "variance":
         from vitdiag.posembed import native_of
-        from vitdiag.probes.variance import VarianceShiftProbe, _fixed_groups
+        from vitdiag.probes.variance import VarianceShiftProbe, fixed_groups
 
         native = native_of(loaded)
-        groups = _fixed_groups(
+        groups = fixed_groups(
             s.rescales,
             tuple(loaded.img_size),
             tuple(native.native_size),
@@ -422,27 +421,19 @@ def _variance(
     s: Settings,
     out: Results,
 ) -> Result:
-    """The variance study, its native numbers taken from the shared pass when there is one.
-
-    `variance_study` without data gives the table part (Var P at every size, sizes validated)
-    and the bookkeeping; the data passes below are the study's own, minus its native pass.
-    """
-    from vitdiag.engine import resolve_device
-    from vitdiag.posembed import build_at_size, size_label, swapped_table, target_table
-    from vitdiag.probes.variance import (
-        _KEY,
-        RescaleGroup,
-        VarianceShiftProbe,
-        _fixed_groups,
-        variance_study,
-        variances_from_sums,
-    )
+    """The variance study; its native-size numbers come from the shared pass when there is one
+    (`native_probe`), so only the other sizes read the data again."""
+    from vitdiag.probes.variance import variance_study
 
     asked = list(sizes)
     # The native size alone still gives r0 and Var P; naming it keeps the study from noting
     # that it was "added".
-    sizes = asked or [tuple(loaded.native_size)]
-    common = dict(
+    study = variance_study(
+        loaded,
+        asked or [tuple(loaded.native_size)],
+        batches_at=lambda at, size: _loader(source, _transform(at, s, size), s),
+        accuracy=source.labelled,
+        native_pass=None if native_probe is None else (native_probe, native_summary),
         interpolations=s.table_interpolations,
         rescales=s.rescales,
         reduction=s.reduction,
@@ -452,67 +443,9 @@ def _variance(
         seed=s.seed,
         quiet=s.quiet,
     )
-    if native_probe is None:  # the model runs at another size: the study owns every pass
-        study = variance_study(
-            loaded,
-            list(sizes),
-            batches_at=lambda at, size: _loader(source, _transform(at, s, size), s),
-            accuracy=source.labelled,
-            **common,
-        )
-        out.passes.extend(f"variance@{size_label(z)}" for z in study.readings)
-        return study.result()
-
-    study = variance_study(loaded, list(sizes), batches_at=None, accuracy=False, **common)
-    native = study.native
-    primary = study.primary
-    study.n_images, study.n_unreadable = native_summary.n_images, native_summary.n_unreadable
-    study.seconds = native_summary.seconds
-    reading = study.readings[native]
-    reading.var_x = variances_from_sums(native_probe.x_sums)
-    labelled = native_probe.accuracy and float(native_probe.n_labelled) > 0
-    if labelled:
-        study.labelled = True
-        reading.accuracy.update(native_probe.accuracy_by_name())
-    if not study.r0(_KEY[s.reduction]) > 0:
-        raise VitdiagError(
-            "the patch embedding has zero variance on this data, so r0 is undefined; "
-            "check the images and the normalisation."
-        )
-    src = study.native_loaded.model
-    dev = resolve_device(s.device)
-    for size in list(study.readings):
-        if size == native:
-            continue
-        at = build_at_size(study.native_loaded, size, c=1.0, interpolation=primary)
-        # On the device before a table is swapped, so the saved table is not stranded.
-        at.model.to(dev)
-        batches = _loader(source, _transform(at, s, size), s)
-        groups = _fixed_groups(s.rescales, size, native, src, at.model, primary) if labelled else []
-        probe = VarianceShiftProbe(groups, measure_x=True, accuracy=labelled)
-        label = f"variance@{size_label(size)}"
-        summary = _engine(at, batches, [probe], s, label, batches.n_images)
-        out.passes.append(label)
-        study.seconds += summary.seconds
-        study.readings[size].var_x = variances_from_sums(probe.x_sums)
-        if labelled:
-            study.readings[size].accuracy.update(probe.accuracy_by_name())
-            if "empirical" in list(s.rescales):
-                c = study.c_empirical(size)
-                table = target_table(src, at.model, c, primary)
-                probe = VarianceShiftProbe(
-                    [RescaleGroup(["empirical"], c, None)], measure_x=False, accuracy=True
-                )
-                with swapped_table(at.model, table):
-                    summary = _engine(at, batches, [probe], s, f"{label} empirical", None)
-                out.passes.append(f"{label} empirical")
-                study.seconds += summary.seconds
-                study.readings[size].accuracy.update(probe.accuracy_by_name())
-        del at
-    if not labelled:
+    out.passes.extend(study.passes)
+    if not source.labelled:
         study.notes.append("the data has no labels, so accuracy under each rescale is not shown.")
     if not asked:
         study.notes.append("only the native size was measured: give sizes (--sizes) for shifts.")
-    for rd in study.readings.values():
-        rd.accuracy = {n: rd.accuracy[n] for n in study.rescales if n in rd.accuracy}
     return study.result()

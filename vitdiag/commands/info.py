@@ -18,6 +18,7 @@ def info(
     """Show the architecture, how it was decided, and every assumption with its override."""
     from rich.table import Table
 
+    from vitdiag.families import has_abs_pos_table
     from vitdiag.model import describe
     from vitdiag.results import document, dumps
 
@@ -47,7 +48,7 @@ def info(
         ("parameters", f"{n_params:,}"),
         ("native size", "x".join(map(str, loaded.native_size))),
         ("built at", "x".join(map(str, loaded.img_size))),
-        ("absolute position table", "yes" if loaded.family.pos_embed else "no"),
+        ("absolute position table", "yes" if has_abs_pos_table(loaded.model) else "no"),
     ]
     for k, v in rows:
         t.add_row(k, v)

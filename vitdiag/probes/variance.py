@@ -232,6 +232,7 @@ class VarianceStudy:
     n_images: int = 0
     n_unreadable: int = 0
     seconds: float = 0.0
+    passes: list[str] = field(default_factory=list)  # one label per engine pass, in order
     labelled: bool = False
     notes: list[str] = field(default_factory=list)
     native_loaded: Any = None  # the LoadedModel at the native size
@@ -412,7 +413,7 @@ class VarianceStudy:
         )
 
 
-def _fixed_groups(
+def fixed_groups(
     rescales: Sequence[str | float],
     size: tuple[int, int],
     native: tuple[int, int],
@@ -457,9 +458,14 @@ def variance_study(
     seed: int = 0,
     quiet: bool = True,
     total_images: int | None = None,
+    native_pass: tuple[VarianceShiftProbe, Any] | None = None,
 ) -> VarianceStudy:
     """Measure Var P_s (always) and, given `batches_at(model_at_s, size)`, Var X_s, r, shift,
-    k̂ and accuracy under each rescale, at every size plus the native size."""
+    k̂ and accuracy under each rescale, at every size plus the native size.
+
+    `native_pass` = (probe, engine summary) of a VarianceShiftProbe that a shared pass already
+    ran at the native size (`vitdiag report`): the study then reads the data at the native size
+    no second time."""
     from vitdiag.engine import resolve_device, run_probes
     from vitdiag.model import at_size, valid_sizes_near
 
@@ -514,6 +520,8 @@ def variance_study(
             study.n_images = summary.n_images
             study.n_unreadable = summary.n_unreadable
         study.seconds += summary.seconds
+        label = f"variance@{size_label(size)}"
+        study.passes.append(label if what == "variance" else f"{label} {what}")
 
     # One size at a time, native first (every empirical factor needs r0); a model at a size
     # lives only while its passes run, so large models are not held at every size at once.
@@ -531,13 +539,20 @@ def variance_study(
             )
         if batches_at is None:
             continue
-        # On the device before any table is swapped: the engine's own .to(device) would
-        # otherwise move a swapped-in table and strand the saved one on the old device.
-        at.model.to(dev)
-        # pass A: Var X and every rescale whose factor is known in advance
-        groups = _fixed_groups(rescales, size, native, src, at.model, primary) if accuracy else []
-        probe = VarianceShiftProbe(groups, measure_x=True, accuracy=accuracy)
-        run(at, size, probe, "variance")
+        if size == native and native_pass is not None:
+            probe, summary = native_pass
+            study.n_images, study.n_unreadable = summary.n_images, summary.n_unreadable
+            study.seconds += summary.seconds
+        else:
+            # On the device before any table is swapped: the engine's own .to(device) would
+            # otherwise move a swapped-in table and strand the saved one on the old device.
+            at.model.to(dev)
+            # pass A: Var X and every rescale whose factor is known in advance
+            groups = (
+                fixed_groups(rescales, size, native, src, at.model, primary) if accuracy else []
+            )
+            probe = VarianceShiftProbe(groups, measure_x=True, accuracy=accuracy)
+            run(at, size, probe, "variance")
         readings[size].var_x = variances_from_sums(probe.x_sums)
         if probe.accuracy and float(probe.n_labelled) > 0:
             study.labelled = True
