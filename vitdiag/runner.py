@@ -392,7 +392,9 @@ def _one_pass(
         found[name] = result
     if "variance" in names:
         native_probe = probes.get("variance")
-        found["variance"] = _variance(loaded, source, sizes or [], native_probe, summary, s, out)
+        found["variance"] = _variance(
+            loaded, source, sizes or [], native_probe, summary, s, out, per_class
+        )
     extra_notes = list(notes)
     if summary.n_unreadable:
         extra_notes.append(
@@ -420,9 +422,13 @@ def _variance(
     native_summary: Any,
     s: Settings,
     out: Results,
+    per_class: int | None = None,
 ) -> Result:
     """The variance study; its native-size numbers come from the shared pass when there is one
-    (`native_probe`), so only the other sizes read the data again."""
+    (`native_probe`), so only the other sizes read the data again.
+
+    per_class: the shared pass's subsample; every size reads those same images, since a shift
+    r(s)/r0 of two image sets measures the sets, not the size."""
     from vitdiag.probes.variance import variance_study
 
     asked = list(sizes)
@@ -431,7 +437,7 @@ def _variance(
     study = variance_study(
         loaded,
         asked or [tuple(loaded.native_size)],
-        batches_at=lambda at, size: _loader(source, _transform(at, s, size), s),
+        batches_at=lambda at, size: _loader(source, _transform(at, s, size), s, per_class),
         accuracy=source.labelled,
         native_pass=None if native_probe is None else (native_probe, native_summary),
         interpolations=s.table_interpolations,
