@@ -17,7 +17,8 @@ class-sorted data still yields different-class pairs; each process collects `pai
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,7 @@ __all__ = [
     "mixed_features",
     "plot_mixup_geometry",
     "select_pairs",
+    "train_mode_without_side_effects",
     "zero_crossing",
 ]
 
@@ -125,6 +127,30 @@ def mixed_features(
         outs.append(prelogits if head.token_index is None else features[:, head.token_index])
     h = torch.cat(outs).detach().to("cpu", torch.float64)
     return h.view(xa.shape[0], len(lambdas), -1)
+
+
+@contextlib.contextmanager
+def train_mode_without_side_effects(model: nn.Module) -> Iterator[None]:
+    """Put `model` in train mode, and afterwards restore every buffer and every submodule's
+    training flag exactly.
+
+    Train-mode forwards update BatchNorm running statistics and `num_batches_tracked` even
+    under inference_mode; left in place they would change every later forward of the pass
+    (the other probes, the calibration pass). Flags are restored per submodule because a
+    model may be in eval mode with some submodule deliberately left in train mode.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    with torch.no_grad():
+        saved = [(b, b.clone()) for b in model.buffers()]
+    model.train()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+        for module, flag in flags:
+            module.training = flag
 
 
 def _span_bases(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -295,16 +321,15 @@ class MixupGeometryProbe(Probe):
         ib = torch.tensor([b for _, b in pairs], device=images.device)
         ctx = taps.context
         model = getattr(ctx, "model", None)
-        was_training = bool(model.training) if model is not None else False
-        if self.train_mode and model is not None:
-            model.train()  # the paper's figures were made in train mode (dropout, drop-path)
-        try:
+        if not self.train_mode or model is None:
             return mixed_features(
                 ctx.forward, self.head, images[ia], images[ib], self.lambdas, chunk
             )
-        finally:
-            if model is not None:
-                model.train(was_training)
+        with train_mode_without_side_effects(model):
+            # the paper's figures were made in train mode (dropout, drop-path, batch statistics)
+            return mixed_features(
+                ctx.forward, self.head, images[ia], images[ib], self.lambdas, chunk
+            )
 
     # -- sums ---------------------------------------------------------------------------------
     def _add_same(self, h: torch.Tensor, cls: torch.Tensor) -> None:
