@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,34 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if dtype is torch.float16 and device.type == "cpu":
         raise VitdiagError("--amp fp16 needs a GPU; on the CPU use --amp bf16 or --amp off.")
     return dtype
+
+
+@contextlib.contextmanager
+def unchanged(model: torch.nn.Module) -> Iterator[None]:
+    """Give back the caller's train/eval flag of every module and the global RNG states
+    (Python, NumPy, torch CPU and CUDA), however the body leaves them: measuring a model must
+    not change how the caller's next step trains or what its next random draw is."""
+    import numpy as np
+
+    modes = [(m, m.training) for m in model.modules()]
+    py_state, np_state, cpu_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    # CUDA is only read if already started: starting it here would cost a CPU-only caller.
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        elif torch.cuda.is_initialized():
+            # CUDA started inside: its generators go back to their freshly seeded state.
+            for index in range(torch.cuda.device_count()):
+                with torch.cuda.device(index):
+                    torch.cuda.manual_seed(torch.cuda.initial_seed())
 
 
 @dataclass
@@ -218,7 +247,40 @@ def run_probes(
     quiet: bool = True,
     description: str = "vitdiag",
 ) -> RunSummary:
-    """One pass over `batches`: each batch is forwarded once and every probe sees its taps."""
+    """One pass over `batches`: each batch is forwarded once and every probe sees its taps.
+
+    The model's train/eval flags and the global RNG states are as the caller left them
+    afterwards (`unchanged`)."""
+    with unchanged(model):
+        return _run_probes(
+            model,
+            batches,
+            probes,
+            device=device,
+            amp=amp,
+            channels_last=channels_last,
+            seed=seed,
+            loaded=loaded,
+            total_images=total_images,
+            quiet=quiet,
+            description=description,
+        )
+
+
+def _run_probes(
+    model: torch.nn.Module,
+    batches: Iterable[Any],
+    probes: Sequence[Probe],
+    *,
+    device: torch.device | str,
+    amp: str,
+    channels_last: bool,
+    seed: int,
+    loaded: Any,
+    total_images: int | None,
+    quiet: bool,
+    description: str,
+) -> RunSummary:
     if not isinstance(device, torch.device):
         device = resolve_device(device)
     amp_dtype = resolve_amp(amp, device)

@@ -223,8 +223,25 @@ def run_all(
     only. sizes: extra test sizes for the variance probe. Options are `Settings` fields
     (batch_size=32, limit=100, device="cuda", ...).
     Under torchrun every rank must call this; data are sharded and the sums all-reduced, so
-    every rank returns the same results.
+    every rank returns the same results. The model's train/eval flags and the global RNG
+    states are as the caller left them afterwards (rebuilding the model at another size draws
+    fresh initial weights before loading its own).
     """
+    from vitdiag.engine import unchanged
+
+    with unchanged(loaded.model):
+        return _run_all(loaded, source, probes, val_source, sizes, settings, options)
+
+
+def _run_all(
+    loaded: Any,
+    source: Any,
+    probes: set[str] | Iterable[str] | str | None,
+    val_source: Any,
+    sizes: Sequence[int] | None,
+    settings: Settings | None,
+    options: dict[str, Any],
+) -> Results:
     from vitdiag.engine import init_distributed
 
     s = dataclasses.replace(settings or Settings(), **options)
