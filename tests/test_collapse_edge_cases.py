@@ -3,14 +3,22 @@ geometry (coinciding class means, a zero classifier, zero variance) and large of
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
+import pytest
 import torch
+from conftest import FIXTURES
+from typer.testing import CliRunner
 
+from vitdiag.cli import app
 from vitdiag.engine import RunContext, run_probes
 from vitdiag.probes.base import Taps
-from vitdiag.probes.collapse import CollapseProbe
+from vitdiag.probes.collapse import ClassSums, CollapseProbe, nc_stats
 from vitdiag.probes.mixup_geometry import MixupGeometryProbe
+
+runner = CliRunner()
 
 # -- train-mode mixup geometry leaves the model as it found it ------------------------------
 
@@ -59,3 +67,47 @@ def test_train_mode_mixup_geometry_does_not_change_collapse_in_the_same_pass():
     assert math.isfinite(want["nc1"])
     assert got["nc1"] == want["nc1"]
     assert got["nc4"] == want["nc4"]
+
+
+# -- one labelled class ------------------------------------------------------------------------
+
+
+def test_nc_stats_with_one_class_still_reports_nc4_and_every_key():
+    torch.manual_seed(0)
+    h, W = torch.randn(10, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    y = torch.zeros(10, dtype=torch.int64)
+    from vitdiag.probes.collapse import NC4Sample
+
+    sample = NC4Sample(h=h[:4], pred=(h[:4] @ W.T).argmax(1), population=10)
+    one = nc_stats(ClassSums.from_features(h, y, 3), W, sample=sample)
+    # The nearest class mean is always class 0: NC4 is the share predicted as another class.
+    want = float(((h[:4] @ W.T).argmax(1) != 0).double().mean())
+    assert one["nc4"] == pytest.approx(want, abs=1e-15)
+    assert one["nc4_ci_low"] <= one["nc4"] <= one["nc4_ci_high"]
+    assert math.isnan(one["nc1"]) and math.isnan(one["nc3"])
+    # The same keys as with two classes.
+    y2 = torch.arange(10) % 2
+    two = nc_stats(ClassSums.from_features(h, y2, 3), W, sample=sample)
+    assert set(one) == set(two)
+
+
+def test_cli_collapse_on_one_class_with_a_sampled_nc4(tiny_ckpt, tmp_path):
+    # A folder with one class sub-folder is read as unlabelled, so the second class holds only
+    # an unreadable file: skipped, which leaves 8 labelled images of class 0.
+    data = tmp_path / "one"
+    (data / "astronaut").mkdir(parents=True)
+    for f in sorted((FIXTURES / "data" / "train" / "astronaut").glob("*.jpg"))[:8]:
+        shutil.copy(f, data / "astronaut" / f.name)
+    (data / "broken").mkdir()
+    (data / "broken" / "0000.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "c.json"
+    args = ["collapse", str(tiny_ckpt), "--data", str(data), "--nc4-budget", "3"]
+    result = runner.invoke(app, [*args, "--json", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    res = next(r for r in json.loads(out.read_text())["results"] if r["probe"] == "collapse")
+    m = res["metrics"]
+    assert m["classes"] == 1 and m["nc4_sample_size"] == 3 and m["nc4_population"] == 8
+    assert m["nc4"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    assert m["nc4_ci_low"] <= m["nc4"] <= m["nc4_ci_high"]
+    assert m["nc1"] is None  # NaN, written as JSON null
+    assert any("fewer than 2 classes" in n for n in res["notes"])

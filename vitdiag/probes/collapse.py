@@ -48,6 +48,15 @@ _MU_G_DEPENDENT = (
     "nc3",
     "nc3_etf",
 )
+# Every NC1–NC3 key nc_stats reports, whatever the data.
+_NC123 = (
+    *_MU_G_DEPENDENT,
+    "nc2_equinorm_weights",
+    "nc2_equiangular_weights",
+    "nc2_maxangle_weights",
+    "nc2_mean_cos_weights",
+    "nc2_etf_weights",
+)
 
 
 # -- classifier heads ------------------------------------------------------------------------
@@ -329,9 +338,13 @@ def nc_stats(
     classes = present.nonzero().flatten()
     c, d = int(present.sum()), W.shape[1]
     out: dict[str, float] = {"n": float(count.sum()), "classes": float(c), "dim": float(d)}
-    if c < 2:
-        return out | {k: float("nan") for k in _MU_G_DEPENDENT}
     mu = total[present] / count[present, None]
+    if c < 2:
+        # NC1–NC3 compare classes; NC4 is still defined with one (its mean is always nearest).
+        out |= dict.fromkeys(_NC123, float("nan"))
+        if sample is not None:
+            out.update(nc4_stats(sample, mu, classes, W, b))
+        return out
     weights = count[present] / count.sum()
     mu_g = mu.mean(0) if global_mean == "classes" else (weights[:, None] * mu).sum(0)
     M = (mu - mu_g).T  # D × C', the columns of M̃
