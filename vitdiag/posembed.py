@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vitdiag.errors import VitdiagError
-from vitdiag.families import NCHW, Family, family_of, pos_prefix_rows
+from vitdiag.families import NCHW, Family, family_of, has_abs_pos_table, pos_prefix_rows
 
 if TYPE_CHECKING:
     from vitdiag.model import LoadedModel
@@ -53,6 +53,30 @@ def require_abs_pos(model: Any, what: str = "this command") -> Family:
             "absolute position table (pos_embed is None; positions come from elsewhere, e.g. RoPE)."
         )
     return fam
+
+
+def require_rescalable(model: Any) -> Family:
+    """require_abs_pos for fix-posembed: the same reason, plus the way out (--resize-only)."""
+    try:
+        return require_abs_pos(model, "vitdiag fix-posembed")
+    except VitdiagError as e:
+        raise VitdiagError(
+            f"{str(e).rstrip('.')}; pass --resize-only to write it at the new size with nothing "
+            "rescaled."
+        ) from None
+
+
+def resize_only_rescale(rescale: str | float | None) -> str:
+    """The rescale method of --resize-only: `none`; any other --rescale contradicts it."""
+    if rescale is None:
+        return "none"
+    method = parse_rescale(rescale) if isinstance(rescale, str) else float(rescale)
+    if method not in ("none", 1.0):
+        raise VitdiagError(
+            f"--resize-only writes the table resampled with no rescale, so it cannot be "
+            f"combined with --rescale {rescale}; drop one of the two."
+        )
+    return "none"
 
 
 def table_of(model: Any) -> torch.Tensor:
@@ -372,8 +396,9 @@ def _model_args(loaded: LoadedModel, size: Any) -> dict[str, Any]:
         except TypeError:
             continue
         args[k] = list(v) if isinstance(v, tuple) else v
-    h, w = as_hw(size)
-    args["img_size"] = h if h == w else [h, w]
+    if family_of(loaded.model).is_transformer:  # CNNs take any size and no img_size argument
+        h, w = as_hw(size)
+        args["img_size"] = h if h == w else [h, w]
     return args
 
 
@@ -509,12 +534,29 @@ def _metadata_str(values: dict[str, Any]) -> dict[str, str]:
     return {k: (repr(v) if isinstance(v, float) else str(v)) for k, v in values.items()}
 
 
+def _verifier(model: Any, hw: tuple[int, int], seed: int, diffs: list[float]):
+    """The check write_checkpoint runs on the finished folder before it takes OUT's name."""
+
+    def verify(folder: Path) -> None:
+        diff, scale = reload_max_diff(folder, model, hw, seed)
+        diffs.append(diff)
+        # same weights, same float32 ops: only device/kernel rounding may differ
+        if not diff <= 1e-4 * max(1.0, scale):
+            raise VitdiagError(
+                f"the checkpoint rebuilt through plain timm gives logits {diff:.3g} away from "
+                "vitdiag's model; nothing was written to --out. Please report this vitdiag bug."
+            )
+
+    return verify
+
+
 def fix_posembed(
     loaded: LoadedModel,
     size: Any,
     out: Path,
     *,
-    rescale: str | float = "empirical",
+    rescale: str | float | None = None,
+    resize_only: bool = False,
     interpolation: str = "bicubic",
     reduction: str = "per-token",
     batches_at: Callable[[Any, tuple[int, int]], Iterable] | None = None,
@@ -530,10 +572,11 @@ def fix_posembed(
 ) -> FixOutcome:
     """Resample the table to `size`, multiply its grid by c, write a timm ``local-dir:`` folder.
 
-    c comes from `rescale` (SPEC §5). With `batches_at` the images give r before and after
-    (and accuracy before and after when `accuracy`); `empirical` needs them. The written folder
-    is rebuilt through plain timm and its logits compared with the in-memory model's before it
-    takes OUT's name.
+    c comes from `rescale` (SPEC §5; None means `empirical`). With `batches_at` the images give
+    r before and after (and accuracy before and after when `accuracy`); `empirical` needs them.
+    `resize_only` means rescale `none`, and also writes families with no absolute table at the
+    new size (`resize_without_table`). The written folder is rebuilt through plain timm and its
+    logits compared with the in-memory model's before it takes OUT's name.
     """
     import timm
 
@@ -541,14 +584,26 @@ def fix_posembed(
     from vitdiag.probes.variance import rescale_name, variance_study
     from vitdiag.results import Result, Table
 
-    method = parse_rescale(rescale) if isinstance(rescale, str) else float(rescale)
+    if resize_only:
+        method: str | float = resize_only_rescale(rescale)
+    elif rescale is None:
+        method = "empirical"
+    else:
+        method = parse_rescale(rescale) if isinstance(rescale, str) else float(rescale)
     if interpolation not in INTERPOLATIONS:
         raise VitdiagError(
             f"--interpolation {interpolation!r} is not one of {', '.join(INTERPOLATIONS)}."
         )
     if fmt not in FORMATS:
         raise VitdiagError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}.")
-    require_abs_pos(loaded.model, "vitdiag fix-posembed")
+    if resize_only and not has_abs_pos_table(loaded.model):
+        if batches_at is not None:
+            raise VitdiagError(
+                f"--data measures the position table's variance, which this "
+                f"{family_of(loaded.model).label} model does not have; drop --data."
+            )
+        return resize_without_table(loaded, size, out, fmt=fmt, force=force, seed=seed)
+    require_rescalable(loaded.model)
     source_path = (loaded.provenance or {}).get("path")
     check_output_path(out, source_path, force)
     if method == "empirical" and batches_at is None:
@@ -608,6 +663,7 @@ def fix_posembed(
         "target_grid": "x".join(map(str, table_grid(final.model))),
         "prefix_rows": prefix,
         "table_layout": layout,
+        "resize_only": resize_only,
     }
     metrics: dict[str, float] = {
         "c": float(c),
@@ -659,17 +715,6 @@ def fix_posembed(
 
     config = checkpoint_config(native, hw, _metadata_str(prov))
     diffs: list[float] = []
-
-    def verify(folder: Path) -> None:
-        diff, scale = reload_max_diff(folder, final.model, hw, seed)
-        diffs.append(diff)
-        # same weights, same float32 ops: only device/kernel rounding may differ
-        if not diff <= 1e-4 * max(1.0, scale):
-            raise VitdiagError(
-                f"the checkpoint rebuilt through plain timm gives logits {diff:.3g} away from "
-                "vitdiag's model; nothing was written to --out. Please report this vitdiag bug."
-            )
-
     written = write_checkpoint(
         final.model,
         out,
@@ -678,7 +723,7 @@ def fix_posembed(
         fmt=fmt,
         source=source_path,
         force=force,
-        verify=verify,
+        verify=_verifier(final.model, hw, seed, diffs),
     )
     metrics["reload_max_abs_diff"] = diffs[0]
     weights = "model.safetensors" if fmt == "safetensors" else "model.pth"
@@ -704,3 +749,103 @@ def fix_posembed(
         extra={"provenance": prov, "out": str(written), "format": fmt},
     )
     return FixOutcome(Path(written), float(c), name, final, result, diffs[0])
+
+
+def _resized_rows(before: Any, after: Any) -> list[list[Any]]:
+    """[name, old shape, new shape] for every learned tensor whose shape the new size changed."""
+    old = {k: tuple(v.shape) for k, v in before.named_parameters()}
+    return [
+        [k, str(old[k]), str(tuple(v.shape))]
+        for k, v in after.named_parameters()
+        if k in old and old[k] != tuple(v.shape)
+    ]
+
+
+def resize_without_table(
+    loaded: LoadedModel,
+    size: Any,
+    out: Path,
+    *,
+    fmt: str = "safetensors",
+    force: bool = False,
+    seed: int = 0,
+) -> FixOutcome:
+    """`fix-posembed --resize-only` for a model with no absolute table: the model timm builds at
+    `size`, with the size-dependent tensors (Swin's and BEiT's relative-position bias tables)
+    resized by timm's own checkpoint filter for the architecture, written and checked as
+    fix_posembed does. Nothing is rescaled; a size the token grid cannot take is refused."""
+    import timm
+
+    from vitdiag import __version__
+    from vitdiag.model import at_size
+    from vitdiag.results import Result, Table
+
+    if fmt not in FORMATS:
+        raise VitdiagError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}.")
+    fam = family_of(loaded.model)
+    source_path = (loaded.provenance or {}).get("path")
+    check_output_path(out, source_path, force)
+    native = native_of(loaded)
+    hw = as_hw(size)
+    target = at_size(native, hw)  # names the nearest valid sizes when the grid cannot take hw
+    resized = _resized_rows(native.model, target.model)
+    prov: dict[str, Any] = {
+        "vitdiag_version": __version__,
+        "timm_version": timm.__version__,
+        "torch_version": torch.__version__,
+        "source_path": str(Path(source_path).resolve()) if source_path else "(random weights)",
+        "source_sha256": str((loaded.provenance or {}).get("sha256") or ""),
+        "source_arch": loaded.arch,
+        "rescale_method": "none",
+        "rescale_factor": 1.0,
+        "resize_only": True,
+        "resized_by": "timm checkpoint_filter_fn" if resized else "nothing size-dependent",
+        "resized_tensors": len(resized),
+        "source_size": "x".join(map(str, as_hw(native.native_size))),
+        "target_size": "x".join(map(str, hw)),
+    }
+    diffs: list[float] = []
+    written = write_checkpoint(
+        target.model,
+        out,
+        config=checkpoint_config(native, hw, _metadata_str(prov)),
+        metadata=_metadata_str({"format": "pt", **prov}),
+        fmt=fmt,
+        source=source_path,
+        force=force,
+        verify=_verifier(target.model, hw, seed, diffs),
+    )
+    weights = "model.safetensors" if fmt == "safetensors" else "model.pth"
+    notes = [
+        f"wrote {written}/ (config.json + {weights}); plain timm loads it with "
+        f"timm.create_model('local-dir:{written}', pretrained=True); checked: its logits differ "
+        f"from vitdiag's model by at most {diffs[0]:.2g}.",
+        f"this {fam.label} model has nothing to rescale, as "
+        f"{fam.why_no_abs_pos or 'it was built without an absolute position table'}; nothing "
+        + (
+            f"was rescaled; the {len(resized)} tensors below were resized as timm resizes them "
+            "when it builds the model at the new size."
+            if resized
+            else "was rescaled, and no weight depends on the input size."
+        ),
+    ]
+    rows = resized or [["(no tensor changes shape)", "", ""]]
+    result = Result(
+        probe="fix-posembed",
+        definition="posembed-resize-only-v1",
+        metrics={
+            "c": 1.0,
+            "resized_tensors": float(len(resized)),
+            "reload_max_abs_diff": diffs[0],
+        },
+        tables=[
+            Table(
+                f"Resize only {size_label(native.native_size)} → {size_label(hw)} (no rescale)",
+                ["tensor", "shape before", "shape after"],
+                rows,
+            )
+        ],
+        notes=notes,
+        extra={"provenance": prov, "out": str(written), "format": fmt},
+    )
+    return FixOutcome(Path(written), 1.0, "none", target, result, diffs[0])

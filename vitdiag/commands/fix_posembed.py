@@ -27,11 +27,19 @@ Out = Annotated[
     typer.Option("--out", help="Folder to write (config.json + weights); must not exist."),
 ]
 Rescale = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--rescale",
-        help="Factor c for the grid rows: empirical (measured on --data), sqrt-axis "
-        "(1/√(s/s0)), sqrt-area (s0/s), none, or a number.",
+        help="Factor c for the grid rows: empirical (measured on --data; the default), "
+        "sqrt-axis (1/√(s/s0)), sqrt-area (s0/s), none, or a number.",
+    ),
+]
+ResizeOnly = Annotated[
+    bool,
+    typer.Option(
+        "--resize-only",
+        help="Write the model at --size with nothing rescaled (--rescale none); also for Swin "
+        "and BEiT (relative tables resized as timm does) and other families with no table.",
     ),
 ]
 TableInterpolation = Annotated[
@@ -54,7 +62,8 @@ def fix_posembed(
     ckpt: o.Checkpoint = None,
     size: TargetSize = None,
     out: Out = None,
-    rescale: Rescale = "empirical",
+    rescale: Rescale = None,
+    resize_only: ResizeOnly = False,
     data: o.Data = None,
     interpolation: TableInterpolation = "bicubic",
     reduction: Reduction = "per-token",
@@ -81,9 +90,16 @@ def fix_posembed(
     quiet: o.Quiet = False,
 ) -> None:
     """Resample the position table to --size, multiply its grid rows by c, and write a folder
-    plain timm loads: timm.create_model("local-dir:OUT", pretrained=True)."""
+    plain timm loads: timm.create_model("local-dir:OUT", pretrained=True). With --resize-only
+    nothing is rescaled, and Swin, BEiT and XCiT models are written at --size too."""
     from vitdiag.errors import VitdiagError
-    from vitdiag.posembed import check_output_path, fix_posembed, parse_rescale, require_abs_pos
+    from vitdiag.posembed import (
+        check_output_path,
+        fix_posembed,
+        parse_rescale,
+        require_rescalable,
+        resize_only_rescale,
+    )
 
     if size is None:
         raise VitdiagError("give the new image size, e.g. --size 384.")
@@ -91,7 +107,8 @@ def fix_posembed(
         raise VitdiagError(f"--size must be a positive number of pixels, got {size}.")
     if out is None:
         raise VitdiagError("give the folder to write with --out DIR.")
-    method = parse_rescale(rescale)
+    # --rescale defaults to empirical, except that --resize-only means none
+    method = resize_only_rescale(rescale) if resize_only else parse_rescale(rescale or "empirical")
     if method == "empirical" and data is None:
         raise VitdiagError(
             "--rescale empirical measures c on images: give --data DIR, or choose sqrt-axis, "
@@ -107,7 +124,8 @@ def fix_posembed(
         model_arg=model_arg,
         native_size=native_size,
     )
-    require_abs_pos(loaded.model, "vitdiag fix-posembed")
+    if not resize_only:
+        require_rescalable(loaded.model)
     opts = DataOptions(
         data, limit, batch_size, workers, seed, strict, mean, std, image_interpolation, crop_pct
     )
@@ -122,6 +140,7 @@ def fix_posembed(
         size,
         out,
         rescale=method,
+        resize_only=resize_only,
         interpolation=interpolation,
         reduction=reduction,
         batches_at=batches_at if source is not None else None,
