@@ -48,6 +48,9 @@ class Family:
     # State-dict keys that mark the family ('#' stands for a block index, '|' separates
     # alternatives). The loader uses them to pick which timm architectures to try.
     key_signature: tuple[str, ...] = ()
+    # The class token's parameter; timm always puts it first among the prefix tokens
+    # (class, then distillation/register). None: the family never has one.
+    class_token: str | None = "cls_token"
 
 
 def _module(model: Any, path: str) -> Any:
@@ -83,6 +86,25 @@ def num_prefix_tokens(model: Any) -> int:
     n = getattr(model, "num_prefix_tokens", None)
     if n is not None:
         return int(n)
+    return 0
+
+
+def class_token_row(model: Any) -> int | None:
+    """Which prefix row of the token sequence is the class token; None when there is none.
+
+    A ViT built with ``class_token=False`` and register tokens still has prefix rows, so
+    "row 0 when there are prefix tokens" would silently read a register token.
+    """
+    from vitdiag.errors import VitdiagError
+
+    try:
+        attr = family_of(model).class_token
+    except VitdiagError:
+        attr = "cls_token"  # an unknown class: trust only timm's own attribute
+    if attr is None or getattr(model, attr, None) is None:
+        return None
+    if getattr(model, "has_class_token", True) is False:
+        return None
     return 0
 
 
@@ -229,6 +251,7 @@ FAMILIES: tuple[Family, ...] = (
         ("swin_",),
         _swin_taps,
         why_no_abs_pos=_NO_TABLE_REL,
+        class_token=None,
         key_signature=(
             "patch_embed.proj.weight",
             "layers.#.blocks.#.attn.relative_position_bias_table",
@@ -255,6 +278,7 @@ FAMILIES: tuple[Family, ...] = (
         ("resnet", "resnext", "wide_resnet"),
         _resnet_taps,
         is_transformer=False,
+        class_token=None,
         why_no_abs_pos=_NO_TABLE_CNN,
         key_signature=("conv1.weight", "layer1.#.conv1.weight", "layer4.#.conv1.weight"),
     ),

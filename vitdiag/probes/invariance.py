@@ -59,6 +59,19 @@ def embedding_layout(model: torch.nn.Module) -> tuple[str, int]:
     return NLC, num_prefix_tokens(model)
 
 
+def require_class_token(model: torch.nn.Module) -> None:
+    """Refuse `--embedding cls` on a model without a class token: with register tokens only,
+    row 0 of the sequence is a register, which is not what was asked for."""
+    from vitdiag.families import class_token_row, num_prefix_tokens
+
+    if class_token_row(model) is None:
+        why = " (its prefix tokens are register tokens)" if num_prefix_tokens(model) else ""
+        raise VitdiagError(
+            f"--embedding cls needs a class token, and this model has none{why}; "
+            "use --embedding gap or --embedding prelogits."
+        )
+
+
 def embed(
     kind: str, features: Any, prelogits: torch.Tensor | None, layout: str, num_prefix: int
 ) -> torch.Tensor:
@@ -182,6 +195,8 @@ class InvarianceProbe(Probe):
             for spec, name in zip(self.specs, self.aug_names, strict=True)
         ]
         self._layout = embedding_layout(ctx.model)
+        if self.embedding == "cls":
+            require_class_token(ctx.model)
 
     def _positions(self, n: int) -> list[int]:
         """Stream positions of this batch, the same whatever the number of processes.
