@@ -7,15 +7,23 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES
+from conftest import FIXTURES, save_tiny_vit
 from typer.testing import CliRunner
 
 from vitdiag.cli import app
 from vitdiag.engine import RunContext, run_probes
 from vitdiag.probes.base import Taps
-from vitdiag.probes.collapse import ClassSums, CollapseProbe, nc_stats
+from vitdiag.probes.collapse import (
+    ClassSums,
+    CollapseProbe,
+    Head,
+    classifier_result,
+    classifier_stats,
+    nc_stats,
+)
 from vitdiag.probes.mixup_geometry import MixupGeometryProbe
 
 runner = CliRunner()
@@ -111,3 +119,100 @@ def test_cli_collapse_on_one_class_with_a_sampled_nc4(tiny_ckpt, tmp_path):
     assert m["nc4_ci_low"] <= m["nc4"] <= m["nc4_ci_high"]
     assert m["nc1"] is None  # NaN, written as JSON null
     assert any("fewer than 2 classes" in n for n in res["notes"])
+
+
+# -- degenerate geometry: coinciding class means, a zero classifier ------------------------------
+
+
+def test_classifier_stats_of_a_zero_classifier_are_nan_with_a_note():
+    s = classifier_stats(torch.zeros(5, 8), torch.zeros(5))
+    for key in ("norm_cov", "cos_std", "cos_mean", "maxangle", "etf"):
+        assert math.isnan(s[key]), key
+    assert s["bias_mean"] == 0.0
+
+    class Zero(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(8, 5)
+            torch.nn.init.zeros_(self.head.weight)
+
+        def get_classifier(self):
+            return self.head
+
+    res = classifier_result(Zero())
+    assert math.isnan(res.metrics["w_norm_cov"])
+    assert any("all zero" in n for n in res.notes)
+
+
+def _coinciding_means():
+    """Three classes whose means are all exactly 0 (±v around it), and a random classifier."""
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(3, 4))
+    h = np.concatenate([v, -v, 2 * v[:1], -2 * v[:1]])
+    y = np.array([0, 1, 2, 0, 1, 2, 0, 0])
+    return torch.from_numpy(h), torch.from_numpy(y), torch.from_numpy(rng.normal(size=(3, 4)))
+
+
+def test_nc_stats_when_every_class_mean_is_the_same_are_nan_not_an_error():
+    h, y, W = _coinciding_means()
+    sums = ClassSums.from_features(h, y, 3)
+    assert torch.equal(sums.total, torch.zeros(3, 4, dtype=torch.float64))
+    out = nc_stats(sums, W)
+    for key in ("nc1", "nc1_trace", "nc1_trace_ratio", "nc2_equinorm_means", "nc2_etf_means"):
+        assert math.isnan(out[key]), key
+    for key in ("nc3", "nc3_etf", "nc2_equiangular_means", "nc2_mean_cos_means"):
+        assert math.isnan(out[key]), key
+    # What depends on W only is still defined.
+    want = classifier_stats(W)
+    assert out["nc2_equinorm_weights"] == pytest.approx(want["norm_cov"], rel=1e-12)
+    assert out["nc2_etf_weights"] == pytest.approx(want["etf"], rel=1e-12)
+
+
+def test_constant_features_give_nan_and_a_note_even_when_the_means_differ_by_rounding():
+    # A dead model: every image has the same features. Class sums of 3, 7 and 5 copies of 0.1
+    # divided by the counts need not give the same double, but the means still coincide.
+    counts = (3, 7, 5)
+    y = torch.from_numpy(np.repeat(np.arange(3), counts))
+    h = torch.full((len(y), 4), 0.1, dtype=torch.float64)
+    W = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    probe = CollapseProbe([Head("head", W, torch.zeros(3))], seed=0)
+    probe.update(Taps(images=torch.zeros(len(y), 1), targets=y, prelogits=h, logits=h @ W.T))
+    res = probe.compute()
+    for key in ("nc1", "nc1_trace_ratio", "nc2_equinorm_means", "nc3"):
+        assert math.isnan(res.metrics[key]), (key, res.metrics[key])
+    assert any("class means coincide" in n for n in res.notes)
+
+
+def test_nc_stats_with_a_zero_classifier_are_nan_where_they_need_w():
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(3), 5)
+    h = torch.from_numpy(rng.normal(size=(3, 4))[y] * 5 + rng.normal(size=(15, 4)))
+    sums = ClassSums.from_features(h, torch.from_numpy(y), 3)
+    out = nc_stats(sums, torch.zeros(3, 4))
+    assert math.isfinite(out["nc1"]) and math.isfinite(out["nc2_equinorm_means"])
+    for key in ("nc2_equinorm_weights", "nc2_equiangular_weights", "nc2_etf_weights", "nc3"):
+        assert math.isnan(out[key]), key
+    assert math.isnan(out["nc3_etf"])
+
+
+def test_cli_collapse_with_a_zeroed_classifier_exits_0_with_nulls_and_notes(image_folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = save_tiny_vit(tmp_path / "zero")
+    weights = load_file(ckpt / "model.safetensors")
+    weights["head.weight"].zero_()
+    weights["head.bias"].zero_()
+    save_file(weights, ckpt / "model.safetensors")
+    out = tmp_path / "c.json"
+    result = runner.invoke(
+        app, ["collapse", str(ckpt), "--data", str(image_folder), "--json", str(out), "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    by = {r["probe"]: r for r in json.loads(out.read_text())["results"]}
+    assert by["classifier"]["metrics"]["w_norm_cov"] is None
+    assert by["classifier"]["metrics"]["w_etf"] is None
+    assert any("all zero" in n for n in by["classifier"]["notes"])
+    m = by["collapse"]["metrics"]
+    assert m["nc2_equinorm_weights"] is None and m["nc3"] is None
+    assert isinstance(m["nc1"], float) and m["nc1"] > 0
+    assert any("all zero" in n for n in by["collapse"]["notes"])

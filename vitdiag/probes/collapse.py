@@ -134,6 +134,32 @@ def _std(x: torch.Tensor) -> float:
     return float(x.std(correction=STD_DDOF)) if x.numel() > STD_DDOF else float("nan")
 
 
+def _ratio(num: float, den: float) -> float:
+    """num/den, NaN when den is 0 (a zero classifier, coinciding class means)."""
+    return num / den if den != 0 else float("nan")
+
+
+def all_zero(W: torch.Tensor) -> bool:
+    """True when every classifier weight is 0: its norms, angles and ETF distance are undefined."""
+    return not bool(_f64(W).any())
+
+
+def means_coincide(mu: torch.Tensor, count: torch.Tensor) -> bool:
+    """True when the class means (rows of mu) are equal up to the rounding of their sums.
+
+    A dead model, or constant images, gives every sample the same features; the class means
+    then differ by at most a few ulps (a sum of n copies divided by n need not round back),
+    which Σ_B⁺ would invert into a huge, meaningless NC1. The tolerance is that rounding:
+    n_max · eps per entry, relative to the largest entry.
+    """
+    mu = _f64(mu)
+    if mu.shape[0] < 2:
+        return False
+    eps = float(torch.finfo(torch.float64).eps)
+    tol = 4 * max(float(_f64(count).max()), 1.0) * eps * float(mu.abs().max())
+    return float((mu - mu.mean(0)).abs().max()) <= tol
+
+
 def pair_cosines(rows: torch.Tensor) -> torch.Tensor:
     """Cosines between distinct rows, once per unordered pair (upper triangle)."""
     rows = _f64(rows)
@@ -146,7 +172,7 @@ def etf_distance(gram: torch.Tensor) -> float:
     """‖G/‖G‖_F − (I − 11ᵀ/C)/√(C−1)‖_F: 0 exactly for the Gram matrix of a simplex ETF."""
     gram = _f64(gram)
     c = gram.shape[0]
-    if c < 2:
+    if c < 2 or not bool(gram.any()):
         return float("nan")
     target = (torch.eye(c, dtype=torch.float64) - 1.0 / c) / math.sqrt(c - 1)
     return float((gram / gram.norm() - target).norm())
@@ -167,7 +193,7 @@ def classifier_stats(W: torch.Tensor, b: torch.Tensor | None = None) -> dict[str
     norms = W.norm(dim=1)
     cos_std, maxangle, cos_mean = _angle_stats(W)
     out = {
-        "norm_cov": _std(norms) / float(norms.mean()),
+        "norm_cov": _ratio(_std(norms), float(norms.mean())),
         "cos_std": cos_std,
         "cos_mean": cos_mean,
         "maxangle": maxangle,
@@ -349,25 +375,30 @@ def nc_stats(
     mu_g = mu.mean(0) if global_mean == "classes" else (weights[:, None] * mu).sum(0)
     M = (mu - mu_g).T  # D × C', the columns of M̃
     Wp = W[present]
+    if means_coincide(mu, count[present]):
+        M = torch.zeros_like(M)  # what is left is rounding noise; it would be inverted below
 
     # NC1: Tr(Σ_W Σ_B⁺) = Σ_k v_kᵀ Σ_W v_k / λ_k over the eigenpairs kept by the cutoff.
     sigma_b = M @ M.T / c
     evals, evecs = torch.linalg.eigh(sigma_b)
     cutoff = (pinv_cutoff(d, c) if rtol is None else rtol) * float(evals.max())
     keep = evals > cutoff
-    if keep.any():
+    if not bool(M.any()):
+        trace = float("nan")  # Σ_B = 0: all class means coincide
+    elif keep.any():
         v = evecs[:, keep]
         trace = float(((v.T @ sigma_w @ v).diagonal() / evals[keep]).sum())
     else:
         trace = float("nan")
     out["nc1"] = trace / c
     out["nc1_trace"] = trace
-    out["nc1_trace_ratio"] = float(sigma_w.trace() / sigma_b.trace())
+    out["nc1_trace_ratio"] = _ratio(float(sigma_w.trace()), float(sigma_b.trace()))
 
     mean_norms, w_norms = M.norm(dim=0), Wp.norm(dim=1)
-    out["nc2_equinorm_means"] = _std(mean_norms) / float(mean_norms.mean())
-    out["nc2_equinorm_weights"] = _std(w_norms) / float(w_norms.mean())
+    out["nc2_equinorm_means"] = _ratio(_std(mean_norms), float(mean_norms.mean()))
+    out["nc2_equinorm_weights"] = _ratio(_std(w_norms), float(w_norms.mean()))
     for tag, rows in (("means", M.T), ("weights", Wp)):
+        # 0/0 cosines of zero rows come out NaN, which is what they are
         std, maxangle, mean = _angle_stats(rows)
         out[f"nc2_equiangular_{tag}"] = std
         out[f"nc2_maxangle_{tag}"] = maxangle
@@ -375,7 +406,8 @@ def nc_stats(
     out["nc2_etf_means"] = etf_distance(M.T @ M)
     out["nc2_etf_weights"] = etf_distance(Wp @ Wp.T)
 
-    out["nc3"] = float((Wp.T / Wp.norm() - M / M.norm()).norm() ** 2)
+    wn, mn = float(Wp.norm()), float(M.norm())
+    out["nc3"] = float((Wp.T / wn - M / mn).norm() ** 2) if wn > 0 and mn > 0 else float("nan")
     out["nc3_etf"] = etf_distance(Wp @ M)
 
     if sample is not None:
@@ -414,6 +446,28 @@ def collapse_notes(count: torch.Tensor, dim: int, label: str = "") -> list[str]:
             f"{who}classes are imbalanced ({int(present.min())}–{int(present.max())} samples per "
             "class): μ_G is the mean of class means; metrics ending in _wmean use the "
             "sample-weighted mean instead."
+        )
+    return notes
+
+
+def degenerate_notes(sums: ClassSums, W: torch.Tensor, label: str = "") -> list[str]:
+    """Why metrics came out NaN when the geometry has nothing to measure."""
+    who = f"{label}: " if label else ""
+    count, total = _f64(sums.count), _f64(sums.total)
+    present = count > 0
+    notes = []
+    if int(present.sum()) >= 2 and means_coincide(
+        total[present] / count[present, None], count[present]
+    ):
+        notes.append(
+            f"{who}all class means coincide, so the between-class scatter is zero and the "
+            "metrics built on it (nc1*, nc2_*_means, nc3, nc3_etf) are undefined (NaN); "
+            "a dead model or constant images give this."
+        )
+    if bool(present.any()) and all_zero(_f64(W)[present]):
+        notes.append(
+            f"{who}the classifier weights (rows of the classes present) are all zero, so the "
+            "metrics built on W (nc2_*_weights, nc3, nc3_etf) are undefined (NaN)."
         )
     return notes
 
@@ -643,6 +697,7 @@ class CollapseProbe(Probe):
             metrics.update({prefix + key: v for key, v in m.items()})
             label = head.name if many else ""
             notes += collapse_notes(sums.count, head.dim, label)
+            notes += degenerate_notes(sums, head.weight, label)
             if sample.population > sample.h.shape[0]:
                 notes.append(
                     f"{label + ': ' if label else ''}NC4 comes from a uniform sample of "
@@ -713,6 +768,11 @@ def classifier_result(model: nn.Module) -> Result:
                 [[f"w_{k_}", v] for k_, v in stats.items()],
             )
         )
+        if all_zero(head.weight):
+            notes.append(
+                f"{head.name}: the classifier weights are all zero, so their norms, angles and "
+                "ETF distance are undefined (NaN)."
+            )
         if head.dim < head.num_classes - 1:
             notes.append(
                 f"{head.name}: D={head.dim} < C−1={head.num_classes - 1}: an exact simplex ETF "
