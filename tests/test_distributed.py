@@ -117,3 +117,25 @@ def test_a_process_without_images_fails_cleanly_instead_of_hanging(tiny_ckpt, im
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     assert proc.returncode != 0
     assert "1 of 2 processes got no image to read" in proc.stderr
+
+
+def test_augment_erasing_on_two_processes_matches_one(tiny_ckpt, image_folder):
+    # Random erasing is drawn per image from (seed, image index): two processes must draw for
+    # each image what one process draws, whatever shard or batch the image lands in.
+    args = ["augment", "--ckpt", str(tiny_ckpt), "--data", str(image_folder), "--reprob", "0.5"]
+    args += ["--limit", "8", "--batch-size", "4", "--device", "cpu", "-q", "--json", "-"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    single = json.loads(result.stdout)["results"][0]["metrics"]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "vitdiag", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    multi = json.loads(proc.stdout)["results"][0]["metrics"]
+
+    assert single.keys() == multi.keys()
+    assert any(k.startswith("ratio_x_token/erasing-") for k in single)
+    off = {k: (v, multi[k]) for k, v in single.items() if not _close(v, multi[k])}
+    assert not off, off

@@ -279,10 +279,23 @@ class AugmentAuditProbe(Probe):
             x = patch_tokens(self.model, images)
         return img, variance_sums(x)
 
+    def _positions(self, n: int) -> list[int]:
+        """Global indices of this batch's images, so each image gets the same erasing draw
+        whatever the number of processes: `make_loader` shards by stride (rank::world), so
+        local image k of rank r is image r + k·world of the single-process order."""
+        from vitdiag.engine import is_distributed
+
+        rank, world = 0, 1
+        if is_distributed():
+            import torch.distributed as dist
+
+            rank, world = dist.get_rank(), dist.get_world_size()
+        return [rank + (self.position + k) * world for k in range(n)]
+
     def update(self, taps: Taps) -> None:
         images = taps.images.float()
         b, c = images.shape[:2]
-        positions = list(range(self.position, self.position + b))
+        positions = self._positions(b)
         self.position += b
         if c == 3:
             flat = images.transpose(0, 1).reshape(3, -1)
