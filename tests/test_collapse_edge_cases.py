@@ -216,3 +216,81 @@ def test_cli_collapse_with_a_zeroed_classifier_exits_0_with_nulls_and_notes(imag
     assert m["nc2_equinorm_weights"] is None and m["nc3"] is None
     assert isinstance(m["nc1"], float) and m["nc1"] > 0
     assert any("all zero" in n for n in by["collapse"]["notes"])
+
+
+# -- mixup geometry's span share -----------------------------------------------------------------
+
+
+def _span_share_brute_force(h, ia, ib, W):
+    """Two passes in numpy: centre h at each λ, then project each pair on span{w_a, w_b}."""
+    h, W = np.asarray(h, np.float64), np.asarray(W, np.float64)
+    out = []
+    for lam in range(h.shape[1]):
+        x = h[:, lam] - h[:, lam].mean(0)
+        span = 0.0
+        for p in range(len(x)):
+            q, _ = np.linalg.qr(np.stack([W[ia[p]], W[ib[p]]], axis=1))
+            span += float(np.sum((q.T @ x[p]) ** 2))
+        out.append(span / float(np.sum(x**2)))
+    return np.array(out)
+
+
+def _diff_probe(W, lambdas, rank=None):
+    head = Head("head", torch.from_numpy(W), None)
+    return MixupGeometryProbe(head, pairs=1, lambdas=lambdas, seed=0, rank=rank)
+
+
+def _feed_diff(probe, h, ia, ib, chunk):
+    for s in range(0, len(h), chunk):
+        e = s + chunk
+        probe._add_diff(*(torch.from_numpy(a[s:e]) for a in (h, ia, ib)))
+
+
+def _offset_pairs(seed=0, p=40, lam=3, d=6, c=5, offset=1e6, spread=0.1):
+    rng = np.random.default_rng(seed)
+    h = offset + spread * rng.normal(size=(p, lam, d))
+    ia = rng.integers(0, c, size=p)
+    ib = (ia + 1 + rng.integers(0, c - 1, size=p)) % c
+    return h, ia, ib, rng.normal(size=(c, d))
+
+
+def test_span_share_survives_a_large_common_offset():
+    h, ia, ib, W = _offset_pairs()
+    probe = _diff_probe(W, [0.0, 0.5, 1.0])
+    _feed_diff(probe, h, ia, ib, chunk=7)
+    got = np.array(probe.per_lambda()["diff_span_share"])
+    want = _span_share_brute_force(h, ia, ib, W)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+
+
+def test_span_share_of_two_processes_merged_equals_one_process():
+    h, ia, ib, W = _offset_pairs(seed=1)
+    one = _diff_probe(W, [0.0, 0.5, 1.0])
+    _feed_diff(one, h, ia, ib, chunk=40)
+    ranks = [_diff_probe(W, [0.0, 0.5, 1.0], rank=r) for r in range(2)]
+    _feed_diff(ranks[0], h[:15], ia[:15], ib[:15], chunk=4)
+    _feed_diff(ranks[1], h[15:], ia[15:], ib[15:], chunk=9)
+    main = ranks[0]  # what the engine does: add sum states, concatenate cat states in rank order
+    for k in main.sum_states():
+        main.set_state(k, sum(p.sum_states()[k] for p in ranks))
+    main.merge_cat_states(
+        {k: [t for p in ranks for t in p.cat_states()[k]] for k in main.cat_states()}
+    )
+    np.testing.assert_allclose(
+        main.per_lambda()["diff_span_share"], one.per_lambda()["diff_span_share"], rtol=1e-9
+    )
+    np.testing.assert_allclose(
+        one.per_lambda()["diff_span_share"], _span_share_brute_force(h, ia, ib, W), rtol=1e-6
+    )
+
+
+def test_identical_features_give_a_nan_span_share_and_a_note():
+    _, ia, ib, W = _offset_pairs(seed=2, p=12)
+    h = np.full((12, 3, 6), 0.1)
+    probe = _diff_probe(W, [0.0, 0.5, 1.0])
+    _feed_diff(probe, h, ia, ib, chunk=5)
+    share = probe.per_lambda()["diff_span_share"]
+    assert all(math.isnan(v) for v in share), share
+    res = probe.compute()
+    assert math.isnan(res.metrics["diff_span_share_mean"])
+    assert any("zero variance" in n for n in res.notes)

@@ -191,11 +191,19 @@ class MixupGeometryProbe(Probe):
         L, D = len(lam), head.dim
         for name in ("same_cos", "same_norm", "same_proj", "diff_margin", "diff_margin_sq"):
             self.add_sum_state(name, (L,))
-        for name in ("diff_energy", "diff_hsq", "diff_hph"):
-            self.add_sum_state(name, (L,))
-        self.add_sum_state("diff_h", (L, D))
-        self.add_sum_state("diff_ph", (L, D))
-        self.add_sum_state("diff_proj", (D, D))
+        self.add_sum_state("diff_energy", (L,))
+        # Second moments about this process's own shift (its first h_λ), one entry per process,
+        # pooled in `_span_parts`: raw Σ‖h‖² − n‖h̄‖² loses every digit to a large common offset.
+        for name, shape in (
+            ("n", (1,)),
+            ("shift", (1, L, D)),
+            ("lin", (1, L, D)),  # Σ (h − r)
+            ("sq", (1, L)),  # Σ ‖h − r‖²
+            ("plin", (1, L, D)),  # Σ P_p (h_p − r)
+            ("psq", (1, L)),  # Σ (h_p − r)ᵀ P_p (h_p − r)
+            ("proj", (1, D, D)),  # Σ P_p
+        ):
+            self.add_cat_state(f"diff_mom_{name}").append(torch.zeros(shape, dtype=torch.float64))
         self.add_sum_state("same_pairs")
         self.add_sum_state("diff_pairs")
         self.add_cat_state("plot_h")  # (n, L, D) h_λ of pairs among the plot classes
@@ -347,20 +355,49 @@ class MixupGeometryProbe(Probe):
         if b is not None:
             margin = margin + (b[ia] - b[ib])[:, None]
         q = _span_bases(W[ia], W[ib])  # (P, D, 2)
-        coords = torch.einsum("pdk,pld->plk", q, h)
-        in_span = (coords**2).sum(-1)  # ‖P h‖² = ‖Qᵀh‖²
-        hsq = (h**2).sum(-1)
+        in_span = (torch.einsum("pdk,pld->plk", q, h) ** 2).sum(-1)  # ‖P h‖² = ‖Qᵀh‖²
         self.diff_margin.add_(margin.sum(0))
         self.diff_margin_sq.add_((margin**2).sum(0))
-        self.diff_energy.add_((in_span / hsq).sum(0))
-        self.diff_h.add_(h.sum(0))
-        self.diff_hsq.add_(hsq.sum(0))
-        self.diff_ph.add_(torch.einsum("pdk,plk->ld", q, coords))
-        self.diff_hph.add_(in_span.sum(0))
-        self.diff_proj.add_(torch.einsum("pdk,pek->de", q, q))
+        self.diff_energy.add_((in_span / (h**2).sum(-1)).sum(0))
         self.diff_pairs.add_(h.shape[0])
+        n, shift = self.diff_mom_n[0], self.diff_mom_shift[0]
+        if float(n) == 0:
+            shift.copy_(h[0])  # identical features then give exactly zero moments
+        x = h - shift
+        coords = torch.einsum("pdk,pld->plk", q, x)
+        n.add_(h.shape[0])
+        self.diff_mom_lin[0].add_(x.sum(0))
+        self.diff_mom_sq[0].add_((x**2).sum((0, 2)))
+        self.diff_mom_plin[0].add_(torch.einsum("pdk,plk->ld", q, coords))
+        self.diff_mom_psq[0].add_((coords**2).sum((0, 2)))
+        self.diff_mom_proj[0].add_(torch.einsum("pdk,pek->de", q, q))
 
     # -- result -------------------------------------------------------------------------------
+    def _span_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(span, total, zero) per λ: Σ_p‖P_p(h_p − h̄)‖², Σ_p‖h_p − h̄‖², and where the total
+        is zero up to rounding (all h_λ coincide), pooled exactly over processes.
+
+        Process k's sums are about its shift r_k; moving them to h̄ adds cross terms in
+        δ_k = h̄ − r_k = Σ_j (n_j/N) r_j − r_k + Σ_j lin_j/N, which is small because every r_k
+        is one of the h_λ, and exactly 0 for one process whose features are all equal.
+        Only these per-process pieces are ever added, never the raw Σ‖h‖² and n‖h̄‖².
+        """
+        n, r, lin, sq, plin, psq, proj = (
+            torch.cat([t.reshape(-1, *t.shape[1:]) for t in getattr(self, f"diff_mom_{k}")])
+            for k in ("n", "shift", "lin", "sq", "plin", "psq", "proj")
+        )
+        total_n = float(n.sum())
+        w = n / total_n  # (K,)
+        delta = torch.einsum("j,jld->ld", w, r)[None] - r + lin.sum(0) / total_n  # (K, L, D)
+        total = (sq - 2 * (delta * lin).sum(-1) + n[:, None] * (delta**2).sum(-1)).sum(0)
+        span = (
+            psq - 2 * (delta * plin).sum(-1) + torch.einsum("kld,kde,kle->kl", delta, proj, delta)
+        ).sum(0)
+        eps = torch.finfo(torch.float64).eps
+        scale = r.abs().amax(dim=(0, 2))  # (L,) largest entry of any shift
+        tol = total_n * r.shape[-1] * (8 * eps * scale) ** 2
+        return span, total, total <= tol
+
     def per_lambda(self) -> dict[str, list[float]]:
         """Means over pairs at each λ (NaN where no pair of that kind was found)."""
         ns, nd = float(self.same_pairs), float(self.diff_pairs)
@@ -375,16 +412,10 @@ class MixupGeometryProbe(Probe):
         if nd:
             mean_m = self.diff_margin / nd
             var_m = (self.diff_margin_sq / nd - mean_m**2).clamp_min(0)
-            m = self.diff_h / nd  # (L, D) mean h_λ over pairs
-            total = self.diff_hsq - nd * (m**2).sum(-1)
-            span = (
-                self.diff_hph
-                - 2 * (m * self.diff_ph).sum(-1)
-                + torch.einsum("ld,de,le->l", m, self.diff_proj, m)
-            )
+            span, total, zero = self._span_parts()
             out["diff_margin"] = mean_m.tolist()
             out["diff_margin_std"] = var_m.sqrt().tolist()
-            out["diff_span_share"] = (span / total).tolist()
+            out["diff_span_share"] = torch.where(zero, float("nan"), span / total).tolist()
             out["diff_span_energy"] = (self.diff_energy / nd).tolist()
         else:
             for key in ("diff_margin", "diff_margin_std", "diff_span_share", "diff_span_energy"):
@@ -441,6 +472,13 @@ class MixupGeometryProbe(Probe):
         for kind, n in (("same-class", ns), ("different-class", nd)):
             if n < self.pairs:
                 notes.append(f"only {int(n)} {kind} pairs were found (asked for {self.pairs}).")
+        zero = self._span_parts()[2].tolist() if nd else []
+        if any(zero):
+            at = ", ".join(f"{v:g}" for v, z in zip(lam, zero, strict=True) if z)
+            notes.append(
+                f"at λ = {at} the different-class features h_λ all coincide (zero variance over "
+                "pairs), so the span share is undefined (NaN) there."
+            )
         if nd and lambda_star != lambda_star:
             notes.append(
                 "the mean margin does not change sign over the λ grid, so λ* is undefined."
