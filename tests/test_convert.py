@@ -275,6 +275,31 @@ def test_open_clip_config_gives_heads_and_activation(tmp_path):
         _close(oc.encode_image(x), model(x), "open_clip gelu from config")
 
 
+@pytest.mark.parametrize("with_config", [False, True], ids=["shapes", "config"])
+def test_open_clip_timm_trunk_matches(tmp_path, with_config):
+    pytest.importorskip("open_clip")
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    vision = CLIPVisionCfg(
+        timm_model_name="vit_tiny_patch16_224", timm_pool="avg", timm_proj="linear"
+    )
+    text = CLIPTextCfg(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
+    torch.manual_seed(0)
+    oc = _perturb(CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text))
+    sd = oc.state_dict()
+    assert any(k.startswith("visual.trunk.") for k in sd)
+    config = {"model_cfg": {"vision_cfg": {"timm_model_name": "vit_tiny_patch16_224"}}}
+    config = config if with_config else None
+    assert detect(config, sd.keys()) == "open_clip"
+    conv = convert("open_clip", config, sd)
+    assert conv.model_args["num_classes"] == 16 and conv.model_args["global_pool"] == "avg"
+    assert (conv.arch == "vit_tiny_patch16_224") or not with_config
+    model = _timm(conv)
+    x = _image(224)
+    with torch.no_grad():
+        _close(oc.encode_image(x), model(x), f"open_clip timm trunk config={with_config}")
+
+
 # --------------------------------------------------------------------------------- original DINOv2
 
 
