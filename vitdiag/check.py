@@ -383,6 +383,8 @@ def load_config(path: Path | str) -> CheckConfig:
             raise VitdiagError(f"{path}: {key} must be {kinds}, got {value!r}.")
         if key in _POSITIVE and value <= 0:
             raise VitdiagError(f"{path}: {key} must be positive, got {value}.")
+        if key in ("workers", "seed") and value < 0:
+            raise VitdiagError(f"{path}: {key} must be 0 or more, got {value}.")
     checks = table.get("checks")
     if not checks:
         raise VitdiagError(

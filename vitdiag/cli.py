@@ -11,10 +11,45 @@ import sys
 from typing import Annotated
 
 import typer
+import typer.core
 
 from vitdiag import __version__
 
+try:  # typer >= 0.2x carries its own copy of click
+    from typer._click.exceptions import UsageError as _UsageError
+except ImportError:  # pragma: no cover - older typer on plain click
+    from click.exceptions import UsageError as _UsageError
+
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """Click's usage errors (an unknown option, '--limit abc') as one line, like every other
+    bad input: `error: ...` on stderr and exit 2, instead of the usage box."""
+
+    @staticmethod
+    def _one_line(e: Exception) -> Exception:
+        if type(e).__name__ == "NoArgsIsHelpError":
+            return e  # bare `vitdiag`: the help is the answer, not an error
+        message = " ".join(e.format_message().split()).rstrip(".")  # type: ignore[attr-defined]
+        ctx = getattr(e, "ctx", None)
+        where = ctx.command_path if ctx is not None else "vitdiag"
+        typer.echo(f"error: {message}; see `{where} --help`.", err=True)
+        return typer.Exit(2)
+
+    def make_context(self, *args, **kwargs):  # noqa: ANN002, ANN003 - click's signature
+        try:
+            return super().make_context(*args, **kwargs)
+        except _UsageError as e:
+            raise self._one_line(e) from None
+
+    def invoke(self, ctx):  # noqa: ANN001 - click's signature
+        try:
+            return super().invoke(ctx)
+        except _UsageError as e:
+            raise self._one_line(e) from None
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="vitdiag",
     help="Diagnostics for Vision Transformer checkpoints: what is wrong with a model, in numbers.",
     no_args_is_help=True,

@@ -10,6 +10,9 @@ import typer
 from vitdiag import options as o
 from vitdiag.commands.common import (
     DataOptions,
+    Output,
+    check_outputs,
+    check_ranges,
     emit,
     load_model,
     loader_for,
@@ -85,6 +88,10 @@ def augment(
         specs_for,
     )
 
+    check_ranges(mixup=mixup, cutmix=cutmix, reprob=reprob, size=size, native_size=native_size)
+    checked = DataOptions(data, limit, batch_size, workers, seed, strict, mean, std, None, crop_pct)
+    checked.validate()
+    check_outputs([Output("--json", json_out)], [ckpt, data, train_args])
     found_beside = False
     if train_args is None and ckpt is not None:
         # timm's train.py writes args.yaml beside its checkpoints: the recipe travels with them

@@ -55,8 +55,22 @@ def check(
     cfg = load_config(config if config is not None else find_config())
     data = data or cfg.data
     train = train or cfg.train
-    if limit is not None and limit <= 0:
-        raise VitdiagError(f"--limit must be positive, got {limit}.")
+    from vitdiag.commands.common import (
+        Output,
+        check_invariance_options,
+        check_outputs,
+        check_ranges,
+    )
+
+    check_ranges(limit=limit, native_size=native_size)
+    if "invariance" in cfg.probes:
+        try:
+            check_invariance_options(cfg.aug, cfg.views, cfg.embedding)
+        except VitdiagError as e:
+            raise VitdiagError(f"{cfg.path}: {e}") from None
+    check_outputs(
+        [Output("--json", json_out), Output("--junit", junit)], [ckpt, cfg.path, data, train]
+    )
     needs_data = cfg.probes - {"classifier"}
     if needs_data and data is None and train is None:
         raise VitdiagError(

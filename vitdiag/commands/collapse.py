@@ -10,6 +10,9 @@ import typer
 from vitdiag import options as o
 from vitdiag.commands.common import (
     DataOptions,
+    Output,
+    check_outputs,
+    check_ranges,
     emit,
     label_check,
     load_model,
@@ -73,8 +76,13 @@ def collapse(
 
     if mixup_geometry and data is None:
         raise VitdiagError("--mixup-geometry needs training images: add --data TRAIN_DIR.")
-    if pairs <= 0 or budget <= 0:
-        raise VitdiagError("--pairs and --nc4-budget must be positive numbers.")
+    check_ranges(pairs=pairs, nc4_budget=budget, per_class=per_class, native_size=native_size)
+    DataOptions(
+        data, limit, batch_size, workers, seed, strict, mean, std, interpolation, crop_pct
+    ).validate()
+    check_outputs(
+        [Output("--json", json_out), Output("--plots", plots, folder=True)], [ckpt, data, val]
+    )
     loaded = load_model(
         ckpt,
         arch,

@@ -5,6 +5,9 @@ from __future__ import annotations
 from vitdiag import options as o
 from vitdiag.commands.common import (
     DataOptions,
+    Output,
+    check_outputs,
+    check_ranges,
     emit,
     label_check,
     load_model,
@@ -46,6 +49,9 @@ def evaluate(
     opts = DataOptions(
         data, limit, batch_size, workers, seed, strict, mean, std, interpolation, crop_pct
     )
+    opts.validate()
+    check_ranges(size=size, native_size=native_size)
+    check_outputs([Output("--json", json_out)], [ckpt, data])
     loaded = load_model(
         ckpt,
         arch,

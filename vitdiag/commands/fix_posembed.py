@@ -10,6 +10,9 @@ import typer
 from vitdiag import options as o
 from vitdiag.commands.common import (
     DataOptions,
+    Output,
+    check_outputs,
+    check_ranges,
     emit,
     label_check,
     load_model,
@@ -103,10 +106,17 @@ def fix_posembed(
 
     if size is None:
         raise VitdiagError("give the new image size, e.g. --size 384.")
-    if size <= 0:
-        raise VitdiagError(f"--size must be a positive number of pixels, got {size}.")
+    check_ranges(size=size, native_size=native_size)
     if out is None:
         raise VitdiagError("give the folder to write with --out DIR.")
+    DataOptions(
+        data, limit, batch_size, workers, seed, strict, mean, std, image_interpolation, crop_pct
+    ).validate()
+    check_outputs(
+        [Output("--json", json_out), Output("--out", out, folder=True, replace="new")],
+        [ckpt, data],
+        force=force,
+    )
     # --rescale defaults to empirical, except that --resize-only means none
     method = resize_only_rescale(rescale) if resize_only else parse_rescale(rescale or "empirical")
     if method == "empirical" and data is None:

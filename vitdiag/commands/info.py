@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from vitdiag import options as o
-from vitdiag.commands.common import console, json_to_stdout, load_model, write_json_text
+from vitdiag.commands.common import (
+    Output,
+    check_outputs,
+    check_ranges,
+    console,
+    json_to_stdout,
+    load_model,
+    write_json_text,
+)
 
 
 def info(
@@ -22,6 +30,8 @@ def info(
     from vitdiag.model import describe
     from vitdiag.results import document, dumps
 
+    check_ranges(native_size=native_size)
+    check_outputs([Output("--json", json_out)], [ckpt])
     loaded = load_model(
         ckpt,
         arch,

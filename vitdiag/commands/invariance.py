@@ -10,6 +10,10 @@ import typer
 from vitdiag import options as o
 from vitdiag.commands.common import (
     DataOptions,
+    Output,
+    check_invariance_options,
+    check_outputs,
+    check_ranges,
     console,
     json_to_stdout,
     load_model,
@@ -101,26 +105,23 @@ def invariance(
     """Invariance (Linv) and diversity (Ldiv) of augmented views, definition vitdiag-v1."""
     from vitdiag.augmentations import parse_alpha, parse_augmentations
     from vitdiag.engine import is_main_process, run_probes
-    from vitdiag.errors import VitdiagError
     from vitdiag.model import at_size, describe
-    from vitdiag.probes.invariance import EMBEDDINGS, InvarianceProbe, plot_invariance
+    from vitdiag.probes.invariance import InvarianceProbe, plot_invariance
     from vitdiag.report import render
     from vitdiag.results import Result, Table, document, dumps
 
     # Validate everything cheap before loading a single model.
+    check_invariance_options(aug, views, embedding, alpha)
     aug_names = parse_augmentations(aug)
     alphas = parse_alpha(alpha)
-    if views < 2:
-        raise VitdiagError(
-            f"--views must be at least 2 (Ldiv compares views with each other), got {views}."
-        )
-    if embedding not in EMBEDDINGS:
-        raise VitdiagError(f"--embedding {embedding!r} is not known; use {', '.join(EMBEDDINGS)}.")
     targets: list[str | None] = list(ckpts) if ckpts else [None]
     labels = _labels(targets, arch)
     opts = DataOptions(
         data, limit, batch_size, workers, seed, strict, mean, std, interpolation, crop_pct
     )
+    opts.validate()
+    check_ranges(size=size, native_size=native_size)
+    check_outputs([Output("--json", json_out), Output("--plot", plot)], [*targets, data])
     source = open_data(opts)
 
     results: list[Result] = []

@@ -403,10 +403,15 @@ def report(
     """Run every probe that applies in one pass per dataset and write a report folder."""
     from vitdiag import __version__
     from vitdiag.commands.common import (
+        DataOptions,
+        Output,
+        check_invariance_options,
+        check_outputs,
+        check_ranges,
         console,
         json_to_stdout,
         load_model,
-        parse_floats,
+        parse_norm,
         parse_sizes,
         write_json_text,
     )
@@ -419,7 +424,19 @@ def report(
     size_list = parse_sizes(sizes) if sizes else None
     if data is None and val is None and wanted != {"classifier"}:
         raise VitdiagError("report needs images: give --data DIR (and --val DIR for held-out).")
+    DataOptions(
+        data, limit, batch_size, workers, seed, strict, mean, std, interpolation, crop_pct
+    ).validate()
+    check_ranges(pairs=pairs, nc4_budget=budget, per_class=per_class, native_size=native_size)
+    check_invariance_options(aug, views, embedding)
+    targets: list[str | None] = list(ckpts) if ckpts else [None]
+    check_outputs(
+        [Output("--out", out, folder=True, replace="empty"), Output("--json", json_out)],
+        [*targets, data, val],
+        force=force,
+    )
     prepare_out(out, force)
+    mean_t, std_t = parse_norm(mean, std)
     settings = Settings(
         batch_size=batch_size,
         workers=workers,
@@ -427,8 +444,8 @@ def report(
         seed=seed,
         strict=strict,
         per_class=per_class,
-        mean=parse_floats(mean, "--mean"),
-        std=parse_floats(std, "--std"),
+        mean=mean_t,
+        std=std_t,
         interpolation=interpolation,
         crop_pct=crop_pct,
         device=device,
@@ -445,7 +462,6 @@ def report(
     init_distributed()
     source = open_source(data, settings)
     val_source = open_source(val, settings)
-    targets: list[str | None] = list(ckpts) if ckpts else [None]
     entries: list[Entry] = []
     seconds = 0.0
     world = 1

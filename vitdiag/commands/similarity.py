@@ -10,6 +10,9 @@ import typer
 from vitdiag import options as o
 from vitdiag.commands.common import (
     DataOptions,
+    Output,
+    check_outputs,
+    check_ranges,
     emit,
     load_model,
     loader_for,
@@ -75,6 +78,9 @@ def similarity(
         data, limit, batch_size, workers, seed, strict, mean, std, interpolation, crop_pct
     )
     names = [s.strip() for s in layers.split(",")] if layers else None
+    opts.validate()
+    check_ranges(size=size, native_size=native_size)
+    check_outputs([Output("--json", json_out), Output("--plot", plot)], [*(ckpts or []), data])
     source = open_data(opts)
     labelled_results: list[tuple[str, Result]] = []
     models = []

@@ -9,6 +9,9 @@ import typer
 from vitdiag import options as o
 from vitdiag.commands.common import (
     DataOptions,
+    Output,
+    check_outputs,
+    check_ranges,
     emit,
     label_check,
     load_model,
@@ -81,6 +84,12 @@ def variance(
     interps = parse_interpolations(interpolation)
     if reduction not in REDUCTIONS:
         raise VitdiagError(f"--reduction {reduction!r} is not one of {', '.join(REDUCTIONS)}.")
+    opts = DataOptions(
+        data, limit, batch_size, workers, seed, strict, mean, std, image_interpolation, crop_pct
+    )
+    opts.validate()
+    check_ranges(native_size=native_size)
+    check_outputs([Output("--json", json_out)], [ckpt, data])
     loaded = load_model(
         ckpt,
         arch,
@@ -88,9 +97,6 @@ def variance(
         unsafe_pickle=unsafe_pickle,
         model_arg=model_arg,
         native_size=native_size,
-    )
-    opts = DataOptions(
-        data, limit, batch_size, workers, seed, strict, mean, std, image_interpolation, crop_pct
     )
     source = open_data(opts) if data is not None else None
     notes = label_check(loaded, source) if source is not None else []
