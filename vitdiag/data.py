@@ -135,6 +135,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         arr = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode == "F":
+        # Float images (TIFF) hold fractions in [0, 1] by convention; convert("RGB") would
+        # clip those to black. Values beyond 1 are taken as already on the 0-255 scale.
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
+        scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0
+        arr = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
     if mode == "P" and "transparency" in img.info:
         # Going through RGBA avoids PIL's transparency warning; the colours are the same.
         return img.convert("RGBA").convert("RGB")
@@ -213,6 +220,13 @@ class ImageSource(Dataset):
         }
 
 
+def _paths(given: str, path: Path, split: str | None) -> dict[str, str]:
+    """The path as the user spelled it (reports are shared: no home or temp folders in them)
+    and, for provenance, the absolute one."""
+    shown = os.path.join(given, path.name) if split and path.name != Path(given).name else given
+    return {"path": shown, "resolved_path": str(path.resolve())}
+
+
 class _FileSource(ImageSource):
     def __init__(
         self,
@@ -237,7 +251,7 @@ class _FileSource(ImageSource):
         return len(self.files)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "path": str(self.root.resolve())}
+        return {**super().describe(), **_paths(self.source, self.root, self.split)}
 
     def name(self, index: int) -> str:
         return str(self.root / self.files[index])
@@ -272,7 +286,7 @@ class _TarSource(ImageSource):
         return len(self.members)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "path": str(self.path.resolve())}
+        return {**super().describe(), **_paths(self.source, self.path, None)}
 
     def name(self, index: int) -> str:
         return f"{self.path}:{self.members[index].name}"
@@ -656,6 +670,11 @@ def eval_transform(
 
     ``size`` is an int (square) or ``(height, width)``; None keeps ``data_config['input_size']``.
     """
+    if crop_pct is not None and not (math.isfinite(crop_pct) and 0 < crop_pct <= 1):
+        # Checked here, not only in the CLI: 0 used to fall through to the default silently.
+        raise VitdiagError(
+            f"--crop-pct must be a fraction in (0, 1], e.g. 0.875 or 1 for no crop, got {crop_pct}."
+        )
     cfg = dict(data_config)
     if size is None:
         if "input_size" not in cfg:

@@ -454,11 +454,27 @@ def _unpack(obj: Any, path: Path, *, ema: bool) -> _Checkpoint:
     sd = _clean(sd)
     if not sd:
         raise VitdiagError(f"{path} holds an empty state dict; save the model's weights.")
+    _check_finite(sd, path)
     ck = _Checkpoint(path=path, weights=path, fmt="", state_dict=sd, ema=used_ema, ema_note=note)
     if args:
         ck.train_args, ck.train_args_source = args, "training args saved in the checkpoint"
     ck.module_hints = hints
     return ck
+
+
+def _check_finite(sd: dict[str, torch.Tensor], path: Path) -> None:
+    """NaN or inf weights make every number vitdiag reports NaN or meaningless: refuse them,
+    naming the tensor. Attention-mask buffers may hold -inf by design and are left alone."""
+    for name, t in sd.items():
+        if not (t.is_floating_point() or t.is_complex()) or "mask" in name.lower():
+            continue
+        bad = t.numel() - int(torch.isfinite(t).sum())
+        if bad:
+            what = "NaN" if bool(torch.isnan(t).any()) else "inf"
+            raise VitdiagError(
+                f"{path}: tensor {name!r} holds {bad} {what} value(s) of {t.numel()}; the "
+                "training diverged or the file is damaged, so use an earlier checkpoint."
+            )
 
 
 def _is_state_dict(d: dict) -> bool:
