@@ -128,8 +128,13 @@ def main() -> None:
     if args.without_effective_rank:
         import vitdiag.probes.similarity as sim
 
-        # What-if only: the effective-rank column replaced by zeros, to show its share.
-        sim.effective_rank = lambda h: torch.zeros(h.shape[0], dtype=torch.float64)
+        # What-if only: the effective-rank column (the Gram's eigenvalues) replaced by zeros,
+        # the cosines still computed, to show its share.
+        def cosines_only(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            abs_sum, signed_sum = sim._pairwise_cosine_sums(h)
+            return abs_sum, signed_sum, torch.zeros_like(abs_sum)
+
+        sim._layer_stats = cosines_only
         print("\nwhat-if, similarity without its effective-rank column:")
         print(f"  similarity   {paired(('similarity',), args.reps)[0]:6.3f}")
         print(f"  report       {paired(SHARED, args.reps)[0]:6.3f}")

@@ -353,6 +353,67 @@ def test_resnet_at_32px_has_a_single_token_last_layer_reported_as_nan() -> None:
     assert res.to_dict()["metrics"]["layer4.out.mean"] is None  # NaN becomes null in JSON
 
 
+# -- the Gram route against the float64 definition, on real tokens ---------------------------
+
+
+def _fixture_taps() -> Taps:
+    """Tokens of the bundled trained fixture ViT (32 px, 64 grid tokens of width 64) on 10
+    fixture images, one per class."""
+    from PIL import Image
+
+    from vitdiag import load
+    from vitdiag.data import eval_transform
+
+    root = Path(__file__).resolve().parents[1] / "fixtures"
+    loaded = load(str(root / "models" / "vit_nomix"))
+    transform = eval_transform(loaded.data_config, loaded.img_size)
+    files = [sorted(d.glob("*.jpg"))[0] for d in sorted((root / "data" / "val").iterdir())]
+    images = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    return _hooked_taps(loaded.model.eval(), images)
+
+
+def _reference(h: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """P(h) and effective rank per image from the definitions, numpy float64 (full SVD)."""
+    p, r = [], []
+    for x in h.double().numpy():
+        u = x / np.linalg.norm(x, axis=1, keepdims=True)
+        n = len(u)
+        p.append((np.abs(u @ u.T).sum() - np.trace(u @ u.T)) / (n * (n - 1)))
+        s = np.linalg.svd(x, compute_uv=False)
+        q = s / s.sum()
+        q = q[q > 0]
+        r.append(math.exp(-(q * np.log(q)).sum()))
+    return np.array(p), np.array(r)
+
+
+@pytest.mark.parametrize(
+    "gram_dtype,p_atol,r_rtol",
+    # Measured: float64 ≤ 3e-7 relative on the effective rank (the fixture's last layer has
+    # σ_min/σ_max ≈ 1e-8), float32 ≤ 4e-3; P(h) 2e-16 and 3e-8.
+    [(torch.float64, 1e-12, 1e-6), (torch.float32, 1e-6, 1e-2)],
+    ids=["cpu-float64", "accelerator-float32"],
+)
+def test_gram_route_matches_float64_definition_on_real_tokens(
+    monkeypatch: pytest.MonkeyPatch, gram_dtype: torch.dtype, p_atol: float, r_rtol: float
+) -> None:
+    import vitdiag.probes.similarity as sim
+
+    # float32 is what every accelerator uses; forcing it here tests that route on the CPU.
+    monkeypatch.setattr(sim, "_CPU_GRAM_DTYPE", gram_dtype)
+    assert sim._ACCELERATOR_GRAM_DTYPE is torch.float32
+    taps = _fixture_taps()
+    assert len(taps.layers) >= 5
+    for name, h in taps.layers.items():
+        assert h.dtype == torch.float32 and h.shape[1:] == (64, 64), name
+        abs_sum, signed_sum, r = sim._layer_stats(h)
+        p_ref, r_ref = _reference(h)
+        np.testing.assert_allclose(abs_sum.numpy() / (64 * 63), p_ref, rtol=0, atol=p_atol)
+        np.testing.assert_allclose(r.numpy(), r_ref, rtol=r_rtol, atol=0)
+        probe = SimilarityProbe(layers=[name])
+        probe.update(taps)
+        assert probe.compute().extra["erank"][0] == pytest.approx(r_ref.mean(), rel=r_rtol)
+
+
 # -- the plot -------------------------------------------------------------------------------
 
 

@@ -26,18 +26,31 @@ DEFINITION = "gong2021-abs-cos-v1"
 # with every other token is 0 instead of 0/0. Real activations are many orders larger.
 EPS = 1e-12
 
-# Upper bound on the float64 Gram block held at once. The stem of a CNN or Swin at 224 px has
+# Upper bound on a Gram block held at once when there are more tokens than channels (the n × n
+# Gram is then larger than the tokens themselves). The stem of a CNN or Swin at 224 px has
 # 56×56 = 3136 tokens, and a full (B, n, n) float64 Gram for B = 64 would need 5 GB.
 _GRAM_BLOCK_BYTES = 256 * 2**20
 
+# The dtype of the Grams for float32 tokens (float64 tokens always stay float64). Accelerators
+# use float32, where float64 is slow or missing. The CPU uses float64: float32 saved only ~10% of
+# the probe's time there (eigvalsh dominates) and cannot meet the effective rank's accuracy.
+_CPU_GRAM_DTYPE = torch.float64
+_ACCELERATOR_GRAM_DTYPE = torch.float32
 
-def _as_float64(h: torch.Tensor) -> torch.Tensor:
+
+def _gram_dtype(h: torch.Tensor) -> torch.dtype:
+    if h.dtype == torch.float64:
+        return torch.float64
+    return _CPU_GRAM_DTYPE if h.device.type == "cpu" else _ACCELERATOR_GRAM_DTYPE
+
+
+def _tokens(h: torch.Tensor) -> torch.Tensor:
     if h.ndim != 3:
         raise ValueError(f"expected tokens of shape (B, n, D), got {tuple(h.shape)}")
-    # MPS has no float64; exactness matters more here than staying on the accelerator.
+    # MPS has neither float64 sums nor eigvalsh; the CPU is exact and fast enough there.
     if h.device.type == "mps":
         h = h.cpu()
-    return h.to(torch.float64)
+    return h.detach().to(_gram_dtype(h))
 
 
 def _unit_rows(h: torch.Tensor) -> torch.Tensor:
@@ -45,21 +58,87 @@ def _unit_rows(h: torch.Tensor) -> torch.Tensor:
     return h / norms.clamp_min(EPS) * (norms > EPS)
 
 
-def _pairwise_cosine_sums(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ_{i≠j} |cos| and Σ_{i≠j} cos per image, float64, Gram built block by block of rows."""
-    u = _unit_rows(_as_float64(h))
+def _cosine_sums_from_gram(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_{i≠j} |cos| and Σ_{i≠j} cos per image from the raw Gram G = HHᵀ.
+
+    Σ_ij |cos_ij| = Σ_ij |G_ij| r_i r_j with r_i = 1/‖h_i‖, a bilinear form: no cosine matrix is
+    materialised, and the sums run in float64 whatever the Gram's dtype.
+    """
+    sq = g.diagonal(dim1=-2, dim2=-1).to(torch.float64)  # ‖h_i‖²
+    r = torch.where(sq > EPS * EPS, sq.clamp_min(EPS * EPS).rsqrt(), torch.zeros_like(sq))
+    g64 = g.to(torch.float64)
+
+    def bilinear(m: torch.Tensor) -> torch.Tensor:
+        return (torch.bmm(m, r[..., None]).squeeze(-1) * r).sum(dim=-1)
+
+    # The diagonal is 1 for a real token and 0 for a zero token: subtract what is there rather
+    # than n, which keeps a zero token at cosine 0 with everything.
+    diag = (sq * r * r).sum(dim=-1)
+    return bilinear(g64.abs()) - diag, bilinear(g64) - diag
+
+
+def _cosine_sums_blocked(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same sums when n > D, from unit rows, with the n × n Gram built block by block."""
+    u = _unit_rows(h)
     b, n, _ = u.shape
     abs_sum = torch.zeros(b, dtype=torch.float64, device=u.device)
-    rows = max(1, min(n, _GRAM_BLOCK_BYTES // max(1, 8 * b * n)))
+    rows = max(1, min(n, _GRAM_BLOCK_BYTES // max(1, u.element_size() * b * n)))
     for start in range(0, n, rows):
         block = torch.bmm(u[:, start : start + rows], u.transpose(1, 2))
-        abs_sum += block.abs().sum(dim=(1, 2))
-    # The diagonal is ‖û_i‖² — 1 for a real token, 0 for a zero token — so subtract what is
-    # there rather than n, which keeps a zero token at cosine 0 with everything.
-    diag = (u * u).sum(dim=(1, 2))
+        abs_sum += block.abs().sum(dim=(1, 2), dtype=torch.float64)
+    diag = (u * u).sum(dim=(1, 2), dtype=torch.float64)
     # Σ_ij cos_ij = ‖Σ_i û_i‖²: the signed sum needs no Gram at all.
-    signed_sum = u.sum(dim=1).pow(2).sum(dim=1)
+    signed_sum = u.sum(dim=1, dtype=torch.float64).pow(2).sum(dim=1)
     return abs_sum - diag, signed_sum - diag
+
+
+def _effective_rank_from_eigenvalues(lam: torch.Tensor, n: int, d: int) -> torch.Tensor:
+    """Effective rank from the eigenvalues σ_i² of HHᵀ or HᵀH (ascending, as eigvalsh gives).
+
+    Eigenvalues at or below a cutoff are zero: the Gram's rounding puts noise of about
+    eps · λ_max on a null space, whose square root would otherwise count as singular values of
+    relative size √eps (a rank-1 matrix would get 1.02–1.1, not 1). The cutoff is
+    max(n, D) · eps · λ_max for a float64 Gram (numpy's matrix_rank tolerance) but only
+    eps · λ_max for a float32 one: real tokens carry many singular values between 1e-3 and 1e-2
+    of the largest, and the larger float32 cutoff dropped enough of them to move the effective
+    rank by 15% on the fixture model's tokens.
+    """
+    eps = torch.finfo(lam.dtype).eps
+    scale = max(n, d) if lam.dtype == torch.float64 else 1
+    lam = lam.to(torch.float64)
+    cutoff = scale * eps * lam[..., -1:].clamp_min(0)
+    s = torch.where(lam > cutoff, lam, torch.zeros_like(lam)).sqrt()
+    total = s.sum(dim=-1, keepdim=True)
+    p = s / total.clamp_min(torch.finfo(torch.float64).tiny)
+    entropy = -torch.special.xlogy(p, p).sum(dim=-1)
+    return torch.where(total.squeeze(-1) > 0, entropy.exp(), torch.zeros_like(entropy))
+
+
+def _layer_stats(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Σ_{i≠j} |cos|, Σ_{i≠j} cos, effective rank) per image, all (B,) float64.
+
+    One matmul feeds all three when n ≤ D: the Gram HHᵀ gives the cosines once scaled by the
+    row norms (its diagonal), and its eigenvalues are the squared singular values of H.
+    When n > D the effective rank comes from the smaller HᵀH instead.
+    """
+    h = _tokens(h)
+    b, n, d = h.shape
+    if n <= d:
+        g = torch.bmm(h, h.mT)
+        abs_sum, signed_sum = _cosine_sums_from_gram(g)
+    else:
+        abs_sum, signed_sum = _cosine_sums_blocked(h)
+        g = torch.bmm(h.mT, h)
+    lam = torch.linalg.eigvalsh(g)
+    return abs_sum, signed_sum, _effective_rank_from_eigenvalues(lam, n, d)
+
+
+def _pairwise_cosine_sums(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_{i≠j} |cos| and Σ_{i≠j} cos per image, summed in float64."""
+    h = _tokens(h)
+    if h.shape[1] <= h.shape[2]:
+        return _cosine_sums_from_gram(torch.bmm(h, h.mT))
+    return _cosine_sums_blocked(h)
 
 
 def _pair_count(n: int) -> float:
@@ -93,14 +172,14 @@ def effective_rank(h: torch.Tensor) -> torch.Tensor:
     exp(−Σ p_i log p_i) with p_i = σ_i / Σσ the normalised singular values (0·log 0 = 0). It is
     1 for a rank-1 matrix and k for k orthonormal rows. An all-zero matrix gets 0, its rank,
     since its singular values cannot be normalised.
+
+    The σ_i are square roots of the eigenvalues of the smaller Gram (HHᵀ or HᵀH), not an SVD;
+    squaring loses the smallest singular values to rounding. Error against a float64 SVD on
+    the fixture model's tokens (σ_min/σ_max down to 1e-8): ≤ 3e-7 relative with the float64
+    Gram (CPU, float64 tokens), ≤ 4e-3 relative with the float32 Gram of accelerators; P(h)
+    and the signed cosine stay within 1e-15 and 3e-8 absolute respectively.
     """
-    # Same singular values either way, but LAPACK on CPU was ~8x faster on the transposed view
-    # of a wide token matrix (ViT-B: 197 × 768) in our measurements, and no slower on tall ones.
-    s = torch.linalg.svdvals(_as_float64(h).mT)
-    total = s.sum(dim=-1, keepdim=True)
-    p = s / total.clamp_min(torch.finfo(torch.float64).tiny)
-    entropy = -torch.special.xlogy(p, p).sum(dim=-1)
-    return torch.where(total.squeeze(-1) > 0, entropy.exp(), torch.zeros_like(entropy))
+    return _layer_stats(h)[2]
 
 
 _STATS = ("count", "p_sum", "p_sq", "signed_sum", "signed_sq", "erank_sum", "erank_sq", "tokens")
@@ -147,10 +226,9 @@ class SimilarityProbe(Probe):
                 raise VitdiagError(f"layer {name} is missing from a batch's taps.")
             h = taps.layers[name]
             b, n = h.shape[0], h.shape[1]
-            abs_sum, signed_sum = _pairwise_cosine_sums(h)  # one Gram for both cosines
+            abs_sum, signed_sum, r = _layer_stats(h)  # one Gram for all three
             p = abs_sum / _pair_count(n)
             s = signed_sum / _pair_count(n)
-            r = effective_rank(h)
             rows.append(
                 torch.stack(
                     [
