@@ -13,8 +13,9 @@ A config is a TOML file, ``vitdiag.toml`` (keys at the top level) or a ``pyproje
       "variance.shift@48 within [0.8, 1.25]",
     ]
 
-A metric is ``<probe>.<key>`` with key one of that probe's ``Result.metrics``. Nothing here
-imports torch: a config is validated (exit 2) before any model is loaded.
+A metric is ``<probe>.<key>`` with key one of that probe's ``Result.metrics``; the names a
+probe can report are its own declaration. A config is validated (exit 2) before any model is
+loaded.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ _WITHIN = re.compile(
     rf"^\s*(?P<metric>{_METRIC})\s+within\s*\[\s*(?P<lo>{_NUM})\s*,\s*(?P<hi>{_NUM})\s*\]\s*$"
 )
 
-# The metric names each probe reports, as templates. They let a config be checked before a
-# model is loaded; after the run the result's own metric names are the authority (a layer
-# name, for one, depends on the model). tests/test_check.py pins this table to the probes.
+# Probes declare the metric names they report as templates (`Probe.check_metrics`). They let a
+# config be checked before a model is loaded; after the run the result's own metric names are
+# the authority (a layer name, for one, depends on the model). tests/test_report.py pins the
+# templates to the probes' real results. The placeholders:
 _PH = {
     "<head>.": r"(?:(?:dist|head\d+)\.)?",
     "<size>": r"\d+(?:x\d+)?",
@@ -50,77 +52,17 @@ _PH = {
     "[_global]": r"(?:_global)?",
     "[_wmean]": r"(?:_wmean)?",
 }
-_NC_MU_G = (
-    "nc1",
-    "nc1_trace",
-    "nc1_trace_ratio",
-    "nc2_equinorm_means",
-    "nc2_equiangular_means",
-    "nc2_maxangle_means",
-    "nc2_mean_cos_means",
-    "nc2_etf_means",
-    "nc3",
-    "nc3_etf",
-)
-METRICS: dict[str, tuple[str, ...]] = {
-    "eval": ("top1", "nll", "mean_confidence", "n_images", "n_labelled"),
-    "calibration": ("ece", "mce", "nll", "accuracy", "n"),
-    "classifier": tuple(
-        f"<head>.w_{k}"
-        for k in ("norm_cov", "cos_std", "cos_mean", "maxangle", "etf", "bias_mean", "bias_std")
-    ),
-    "collapse": (
-        *(f"<head>.{k}[_wmean]" for k in _NC_MU_G),
-        *(
-            f"<head>.{k}"
-            for k in (
-                "nc2_equinorm_weights",
-                "nc2_equiangular_weights",
-                "nc2_maxangle_weights",
-                "nc2_mean_cos_weights",
-                "nc2_etf_weights",
-                "nc4",
-                "nc4_nobias",
-                "nc4_ci_low",
-                "nc4_ci_high",
-                "nc4_nobias_ci_low",
-                "nc4_nobias_ci_high",
-                "nc4_sample_size",
-                "nc4_population",
-                "n",
-                "classes",
-                "dim",
-            )
-        ),
-    ),
-    "mixup_geometry": (
-        "lambda_star",
-        "margin@<lambda>",
-        "same_cos_mean",
-        "same_cos_range",
-        "same_norm_range_rel",
-        "diff_span_share_mean",
-        "diff_span_energy_mean",
-        "pairs_same",
-        "pairs_diff",
-    ),
-    "similarity": ("last_block", "final_norm", "max", "<layer>.mean", "<layer>.std"),
-    "invariance": ("<aug>.linv", "<aug>.ldiv"),
-    "variance": (
-        "shift[_global]@<size>",
-        "r0[_global]",
-        "r[_global]@<size>",
-        "khat[_global]@<size>",
-        "c[_global]@<size>",
-        "var_x[_global]@<size>",
-        "var_p[_global]@<size>",
-        "shift[_global]@<size>/<interp>",
-        "var_p[_global]@<size>/<interp>",
-        "top1@<size>/<rescale>",
-        "nll@<size>/<rescale>",
-        "c@<size>/<rescale>",
-    ),
-}
+
+
+def metric_templates() -> dict[str, tuple[str, ...]]:
+    """probe -> the templates of its metric names, as each probe class declares them (read
+    without importing the probes, so validating a config stays free of torch)."""
+    from vitdiag.probes.registry import declared
+
+    ranked = sorted(declared().values(), key=lambda f: f.get("headline_rank", 0))
+    return {f["name"]: tuple(f.get("check_metrics", ())) for f in ranked}
+
+
 _PATTERNS: dict[str, list[re.Pattern]] = {}
 
 
@@ -130,9 +72,9 @@ def _compile(template: str) -> re.Pattern:
 
 
 def known_metric(probe: str, key: str) -> bool:
-    """Whether `key` can be a metric of `probe` (by the templates in METRICS)."""
+    """Whether `key` can be a metric of `probe` (by the templates its probe declares)."""
     if probe not in _PATTERNS:
-        _PATTERNS[probe] = [_compile(t) for t in METRICS.get(probe, ())]
+        _PATTERNS[probe] = [_compile(t) for t in metric_templates().get(probe, ())]
     return any(p.match(key) for p in _PATTERNS[probe])
 
 
@@ -219,20 +161,21 @@ def parse_threshold(text: str, *, source: str = "check", line: int | None = None
 
 def validate_metric(t: Threshold, source: str = "check") -> None:
     """Probe known and key plausible for that probe; the message lists the valid names."""
+    metrics = metric_templates()
     if "." not in t.metric:
         raise VitdiagError(
             f"{_where(source, t.line)}: {t.metric!r} names no probe; write <probe>.<metric>, "
-            f"e.g. eval.top1 (probes: {', '.join(METRICS)})."
+            f"e.g. eval.top1 (probes: {', '.join(metrics)})."
         )
-    if t.probe not in METRICS:
+    if t.probe not in metrics:
         raise VitdiagError(
             f"{_where(source, t.line)}: {t.probe!r} in {t.metric!r} is not a probe; "
-            f"probes: {', '.join(METRICS)}."
+            f"probes: {', '.join(metrics)}."
         )
     if not known_metric(t.probe, t.key):
         raise VitdiagError(
             f"{_where(source, t.line)}: {t.key!r} is not a metric of {t.probe}; valid "
-            f"{t.probe} metrics: {_readable(METRICS[t.probe])}."
+            f"{t.probe} metrics: {_readable(metrics[t.probe])}."
         )
 
 

@@ -1,4 +1,7 @@
-"""Option types shared by the commands, so every command spells an option the same way."""
+"""Option types shared by the commands, so every command spells an option the same way.
+
+Each sits in a help panel (Model, Data, Runtime, Output) so `vitdiag CMD --help` reads by topic.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+MODEL, DATA, RUNTIME, OUTPUT = "Model", "Data", "Runtime", "Output"
 
 Checkpoint = Annotated[
     str | None,
@@ -17,14 +22,24 @@ Checkpoint = Annotated[
 ]
 Arch = Annotated[
     str | None,
-    typer.Option("--arch", help="timm architecture name; overrides config.json and matching."),
+    typer.Option(
+        "--arch",
+        help="timm architecture name; overrides config.json and matching.",
+        rich_help_panel=MODEL,
+    ),
 ]
-Ema = Annotated[bool, typer.Option("--ema", help="Use the EMA weights when the file has them.")]
+Ema = Annotated[
+    bool,
+    typer.Option(
+        "--ema", help="Use the EMA weights when the file has them.", rich_help_panel=MODEL
+    ),
+]
 UnsafePickle = Annotated[
     bool,
     typer.Option(
         "--unsafe-pickle",
         help="Allow a full pickle (can run code!). Only for files you trust.",
+        rich_help_panel=MODEL,
     ),
 ]
 ModelArg = Annotated[
@@ -32,12 +47,15 @@ ModelArg = Annotated[
     typer.Option(
         "--model-arg",
         help="KEY=VALUE passed to timm.create_model (e.g. num_heads=6); repeatable.",
+        rich_help_panel=MODEL,
     ),
 ]
 NativeSize = Annotated[
     int | None,
     typer.Option(
-        "--native-size", help="Size the weights were trained at, when nothing records it."
+        "--native-size",
+        help="Size the weights were trained at, when nothing records it.",
+        rich_help_panel=MODEL,
     ),
 ]
 
@@ -47,39 +65,82 @@ Data = Annotated[
         "--data",
         help="Dataset: an ImageFolder directory, a flat folder of images, a .tar, a timm "
         "dataset string, or 'synthetic[:N]'.",
+        rich_help_panel=DATA,
     ),
 ]
-Limit = Annotated[int | None, typer.Option("--limit", help="Use at most this many images.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")]
-Workers = Annotated[int, typer.Option("--workers", help="Data-loading worker processes.")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed for sampling, augmentation and --limit.")]
+Limit = Annotated[
+    int | None, typer.Option("--limit", help="Use at most this many images.", rich_help_panel=DATA)
+]
+BatchSize = Annotated[
+    int, typer.Option("--batch-size", help="Images per forward pass.", rich_help_panel=DATA)
+]
+Workers = Annotated[
+    int, typer.Option("--workers", help="Data-loading worker processes.", rich_help_panel=DATA)
+]
+Seed = Annotated[
+    int,
+    typer.Option(
+        "--seed", help="Seed for sampling, augmentation and --limit.", rich_help_panel=DATA
+    ),
+]
 Strict = Annotated[
     bool,
-    typer.Option("--strict", help="Fail on the first unreadable image instead of skipping it."),
+    typer.Option(
+        "--strict",
+        help="Fail on the first unreadable image instead of skipping it.",
+        rich_help_panel=DATA,
+    ),
 ]
 Size = Annotated[
     int | None,
-    typer.Option("--size", help="Test image size in pixels (default: the model's native size)."),
+    typer.Option(
+        "--size",
+        help="Test image size in pixels (default: the model's native size).",
+        rich_help_panel=DATA,
+    ),
 ]
 Mean = Annotated[
-    str | None, typer.Option("--mean", help="Normalisation mean, e.g. 0.485,0.456,0.406.")
+    str | None,
+    typer.Option(
+        "--mean", help="Normalisation mean, e.g. 0.485,0.456,0.406.", rich_help_panel=DATA
+    ),
 ]
 Std = Annotated[
-    str | None, typer.Option("--std", help="Normalisation std, e.g. 0.229,0.224,0.225.")
+    str | None,
+    typer.Option("--std", help="Normalisation std, e.g. 0.229,0.224,0.225.", rich_help_panel=DATA),
 ]
 Interpolation = Annotated[
     str | None,
-    typer.Option("--interpolation", help="Resize interpolation (bicubic, bilinear, ...)."),
+    typer.Option(
+        "--interpolation",
+        help="Resize interpolation (bicubic, bilinear, ...).",
+        rich_help_panel=DATA,
+    ),
 ]
-CropPct = Annotated[float | None, typer.Option("--crop-pct", help="Centre-crop fraction.")]
+CropPct = Annotated[
+    float | None, typer.Option("--crop-pct", help="Centre-crop fraction.", rich_help_panel=DATA)
+]
 
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-Amp = Annotated[str, typer.Option("--amp", help="Mixed precision: off, bf16 or fp16.")]
+Device = Annotated[
+    str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=RUNTIME)
+]
+Amp = Annotated[
+    str, typer.Option("--amp", help="Mixed precision: off, bf16 or fp16.", rich_help_panel=RUNTIME)
+]
 ChannelsLast = Annotated[
-    bool, typer.Option("--channels-last", help="Run in channels-last memory format.")
+    bool,
+    typer.Option(
+        "--channels-last", help="Run in channels-last memory format.", rich_help_panel=RUNTIME
+    ),
 ]
 JsonOut = Annotated[
     Path | None,
-    typer.Option("--json", help="Write the results as JSON to this path ('-' for stdout)."),
+    typer.Option(
+        "--json",
+        help="Write the results as JSON to this path ('-' for stdout).",
+        rich_help_panel=OUTPUT,
+    ),
 ]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+Quiet = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=RUNTIME)
+]

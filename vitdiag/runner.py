@@ -25,21 +25,6 @@ from typing import Any
 from vitdiag.errors import VitdiagError
 from vitdiag.results import Result
 
-# Result order in reports: data-free first, then the validation probes, then the training ones.
-PROBES = (
-    "classifier",
-    "eval",
-    "calibration",
-    "variance",
-    "collapse",
-    "mixup_geometry",
-    "similarity",
-    "invariance",
-)
-TRAIN_PROBES = frozenset({"collapse", "mixup_geometry", "similarity", "invariance"})
-VAL_PROBES = frozenset({"eval", "calibration", "variance"})
-LABELLED_PROBES = frozenset({"calibration", "collapse", "mixup_geometry"})
-
 
 @dataclass
 class Settings:
@@ -72,6 +57,9 @@ class Settings:
     table_interpolations: Sequence[str] = ("bicubic",)
     rescales: Sequence[str | float] = ("none", "sqrt-axis", "sqrt-area", "empirical")
     reduction: str = "per-token"
+    # Refuse data with more classes than outputs (off for probes that never read labels).
+    label_check: bool = True
+    label: str | None = None  # the progress bar's label (default: the dataset's role)
 
 
 class Results(list):
@@ -92,17 +80,23 @@ class Results(list):
 
 @dataclass
 class Plan:
-    """Which probes run on which dataset, and why the others do not."""
+    """Which probes run on which data (in report order), and why the others do not."""
 
     train: list[str] = field(default_factory=list)
     val: list[str] = field(default_factory=list)
-    classifier: bool = False
+    data_free: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def probes(self) -> list[str]:
-        chosen = set(self.train) | set(self.val) | ({"classifier"} if self.classifier else set())
-        return [p for p in PROBES if p in chosen]
+        chosen = {*self.train, *self.val, *self.data_free}
+        return [p for p in probe_names() if p in chosen]
+
+
+def probe_names() -> tuple[str, ...]:
+    from vitdiag.probes.registry import probe_names
+
+    return probe_names()
 
 
 def parse_probes(text: str | Iterable[str] | None) -> set[str] | None:
@@ -113,47 +107,40 @@ def parse_probes(text: str | Iterable[str] | None) -> set[str] | None:
     names = {v.strip().lower().replace("-", "_") for v in items if v.strip()}
     if "all" in names:
         return None
-    unknown = sorted(names - set(PROBES))
+    known = probe_names()
+    unknown = sorted(names - set(known))
     if unknown or not names:
         raise VitdiagError(
             f"unknown probe(s) {', '.join(unknown) or '(none given)'}; "
-            f"choose from {', '.join(PROBES)} (or all)."
+            f"choose from {', '.join(known)} (or all)."
         )
     return names
 
 
-def _why_not(name: str, loaded: Any, train: Any, val: Any) -> str | None:
+def why_not(name: str, loaded: Any, train: Any, val: Any) -> str | None:
     """None if probe `name` applies to this model and data, else one sentence why not."""
-    model = loaded.model
-    if name != "classifier" and (val if name in VAL_PROBES else train) is None:
+    from vitdiag.probes.base import EVAL, NO_DATA
+    from vitdiag.probes.registry import probe_class
+
+    cls = probe_class(name)
+    data = None if cls.split == NO_DATA else val if cls.split == EVAL else train
+    if cls.split != NO_DATA and data is None:
         return "it needs images: give a dataset (--data)."
-    if name in ("classifier", "collapse", "mixup_geometry"):
-        from vitdiag.probes.collapse import classifier_heads
+    why = cls.applies(loaded)
+    if why is None and cls.needs_labels and not data.labelled:
+        which = "--val" if cls.split == EVAL and val is not train else "--data"
+        why = f"it needs labelled images (class sub-folders) and the {which} data has none."
+    return why
 
-        try:
-            classifier_heads(model)
-        except VitdiagError as e:
-            return str(e)
-    if name in LABELLED_PROBES:
-        data = val if name in VAL_PROBES else train
-        if data is not None and not data.labelled:
-            which = "--val" if name in VAL_PROBES and val is not train else "--data"
-            return f"it needs labelled images (class sub-folders) and the {which} data has none."
-    if name == "similarity":
-        from vitdiag.families import family_of
 
-        try:
-            family_of(model).layer_taps(model)
-        except VitdiagError as e:
-            return str(e)
-    if name == "variance":
-        from vitdiag.posembed import require_abs_pos
+def require(loaded: Any, names: Iterable[str]) -> None:
+    """Refuse, with the probe's own sentence, a model that a wanted probe cannot measure."""
+    from vitdiag.probes.registry import probe_class
 
-        try:
-            require_abs_pos(model, "the variance-shift probe")
-        except VitdiagError as e:
-            return str(e)
-    return None
+    for name in names:
+        why = probe_class(name).applies(loaded)
+        if why is not None:
+            raise VitdiagError(why)
 
 
 def plan_probes(
@@ -161,21 +148,23 @@ def plan_probes(
 ) -> Plan:
     """Decide the probes: all that apply when `probes` is None; asking for one that does not
     apply is an error (a check could never be evaluated)."""
+    from vitdiag.probes.base import NO_DATA, TRAIN
+    from vitdiag.probes.registry import probe_class
+
     val = val_source if val_source is not None else source
     plan = Plan()
-    wanted = list(PROBES) if probes is None else [p for p in PROBES if p in probes]
-    for name in wanted:
-        why = _why_not(name, loaded, source, val)
+    for name in probe_names():
+        if probes is not None and name not in probes:
+            continue
+        why = why_not(name, loaded, source, val)
         if why is not None:
             if probes is not None:
                 raise VitdiagError(f"the {name} probe does not apply here: {why}")
             plan.skipped[name] = why
-        elif name == "classifier":
-            plan.classifier = True
-        elif name in TRAIN_PROBES:
-            plan.train.append(name)
-        else:
-            plan.val.append(name)
+            continue
+        split = probe_class(name).split
+        lists = {NO_DATA: plan.data_free, TRAIN: plan.train}
+        lists.get(split, plan.val).append(name)
     return plan
 
 
@@ -255,11 +244,9 @@ def _run_all(
 
     out = Results()
     out.skipped = dict(plan.skipped)
-    found: dict[str, Result] = {}
-    if plan.classifier:
-        from vitdiag.probes.collapse import classifier_result
-
-        found["classifier"] = classifier_result(loaded.model)
+    found: dict[str, Result] = {
+        n: build_probe(n, loaded, None, s).compute() for n in plan.data_free
+    }
 
     start = time.perf_counter()
     if source is not None and (val_source is None or val_source is source):
@@ -271,15 +258,16 @@ def _run_all(
             continue
         found.update(_one_pass(loaded, data, role, names, sizes, s, out))
     out.seconds = time.perf_counter() - start
-    out.extend(found[p] for p in PROBES if p in found)
+    out.extend(found[p] for p in probe_names() if p in found)
     return out
 
 
-def _transform(loaded: Any, s: Settings, size: Any):
+def transform_at(data_config: dict, s: Settings, size: Any) -> Any:
+    """The eval transform at `size` with the run's normalisation and crop overrides."""
     from vitdiag.data import eval_transform
 
     return eval_transform(
-        loaded.data_config,
+        data_config,
         size,
         mean=s.mean,
         std=s.std,
@@ -288,7 +276,8 @@ def _transform(loaded: Any, s: Settings, size: Any):
     )
 
 
-def _loader(source: Any, transform: Any, s: Settings, per_class: int | None = None):
+def loader_for(source: Any, transform: Any, s: Settings, per_class: int | None = None) -> Any:
+    """This process's shard of `source` through `transform`, as the run's settings ask."""
     from vitdiag.data import make_loader
     from vitdiag.engine import init_distributed
 
@@ -306,78 +295,63 @@ def _loader(source: Any, transform: Any, s: Settings, per_class: int | None = No
     )
 
 
-def _engine(loaded: Any, batches: Any, probes: list, s: Settings, what: str, total: int | None):
+def build_probe(name: str, loaded: Any, transform: Any, s: Settings) -> Any:
+    """Probe `name` configured from the run's settings (its class's own `build`)."""
+    from vitdiag.probes.registry import probe_class
+
+    return probe_class(name).build(loaded, s, transform)
+
+
+_build = build_probe  # the name benchmarks/bench_report_overhead.py imports
+
+
+@dataclass
+class Pass:
+    """One engine pass: the engine's summary, the data it read and the notes for its results."""
+
+    summary: Any
+    data: dict
+    notes: list[str]
+
+
+def run_pass(
+    loaded: Any,
+    source: Any,
+    probes: list,
+    s: Settings,
+    *,
+    transform: Any,
+    per_class: int | None = None,
+    description: str = "data",
+    model: Any = None,
+) -> Pass:
+    """Check the labels, feed `probes` one pass over `source`, and say what was read.
+
+    model: what the engine runs when it is not `loaded.model` (loaded None: no label check).
+    """
     from vitdiag.engine import run_probes
 
-    return run_probes(
-        loaded.model,
-        batches,
+    notes = label_notes(loaded, source) if loaded is not None and s.label_check else []
+    loader = loader_for(source, transform, s, per_class)
+    summary = run_probes(
+        model if model is not None else loaded.model,
+        loader,
         probes,
         device=s.device,
         amp=s.amp,
         channels_last=s.channels_last,
         seed=s.seed,
         loaded=loaded,
-        total_images=total,
+        total_images=loader.n_images,
         quiet=s.quiet,
-        description=what,
+        description=s.label or description,
     )
-
-
-def _build(name: str, loaded: Any, transform: Any, s: Settings):
-    model = loaded.model
-    if name == "eval":
-        from vitdiag.probes.accuracy import AccuracyProbe
-
-        return AccuracyProbe()
-    if name == "calibration":
-        from vitdiag.probes.calibration import CalibrationProbe
-
-        return CalibrationProbe(s.bins)
-    if name == "collapse":
-        from vitdiag.probes.collapse import CollapseProbe
-
-        return CollapseProbe.for_model(model, budget=s.nc4_budget, seed=s.seed)
-    if name == "mixup_geometry":
-        from vitdiag.probes.mixup_geometry import MixupGeometryProbe
-
-        return MixupGeometryProbe.for_model(
-            model, pairs=s.pairs, seed=s.seed, train_mode=s.train_mode
+    if summary.n_unreadable:
+        notes.append(
+            f"{summary.n_unreadable} unreadable image(s) were skipped (--strict fails instead)."
         )
-    if name == "similarity":
-        from vitdiag.probes.similarity import SimilarityProbe
-
-        return SimilarityProbe(s.layers)
-    if name == "invariance":
-        from vitdiag.augmentations import parse_alpha, parse_augmentations
-        from vitdiag.probes.invariance import InvarianceProbe
-
-        cfg = transform.config
-        return InvarianceProbe(
-            parse_augmentations(s.aug),
-            views=s.views,
-            embedding=s.embedding,
-            alpha=parse_alpha(s.alpha),
-            mean=cfg["mean"],
-            std=cfg["std"],
-            size=tuple(cfg["input_size"][1:]),
-            interpolation=cfg["interpolation"],
-        )
-    if name == "variance":
-        from vitdiag.posembed import native_of
-        from vitdiag.probes.variance import VarianceShiftProbe, fixed_groups
-
-        native = native_of(loaded)
-        groups = fixed_groups(
-            s.rescales,
-            tuple(loaded.img_size),
-            tuple(native.native_size),
-            native.model,
-            model,
-            s.table_interpolations[0],
-        )
-        return VarianceShiftProbe(groups, measure_x=True, accuracy=True)
-    raise ValueError(f"unknown probe {name}")  # pragma: no cover - PROBES is closed
+    desc = dict(source.describe(), n_images=summary.n_images, n_unreadable=summary.n_unreadable)
+    return Pass(summary, desc, notes)
 
 
 def _one_pass(
@@ -389,19 +363,28 @@ def _one_pass(
     s: Settings,
     out: Results,
 ) -> dict[str, Result]:
-    notes = label_notes(loaded, source)
-    transform = _transform(loaded, s, loaded.img_size)
-    per_class = s.per_class if any(n in TRAIN_PROBES for n in names) else None
-    loader = _loader(source, transform, s, per_class)
+    from vitdiag.probes.base import TRAIN
+    from vitdiag.probes.registry import probe_class
+
+    transform = transform_at(loaded.data_config, s, loaded.img_size)
+    per_class = s.per_class if any(probe_class(n).split == TRAIN for n in names) else None
     variance_here = "variance" in names and _at_native(loaded)
     # Variance at a non-native size cannot share this pass: it owns its passes entirely.
     shared = [n for n in names if n != "variance" or variance_here]
-    probes = {n: _build(n, loaded, transform, s) for n in shared}
-    summary = _engine(loaded, loader, list(probes.values()), s, role, loader.n_images)
+    probes = {n: build_probe(n, loaded, transform, s) for n in shared}
+    done = run_pass(
+        loaded,
+        source,
+        list(probes.values()),
+        s,
+        transform=transform,
+        per_class=per_class,
+        description=role,
+    )
+    summary = done.summary
     out.passes.append(role)
     out.world_size = summary.world_size
-    desc = dict(source.describe(), n_images=summary.n_images, n_unreadable=summary.n_unreadable)
-    out.data[role] = desc
+    out.data[role] = done.data
     found = {}
     for name, result in zip(shared, summary.results, strict=True):
         if name == "variance":
@@ -412,13 +395,8 @@ def _one_pass(
         found["variance"] = _variance(
             loaded, source, sizes or [], native_probe, summary, s, out, per_class
         )
-    extra_notes = list(notes)
-    if summary.n_unreadable:
-        extra_notes.append(
-            f"{summary.n_unreadable} unreadable image(s) were skipped (--strict fails instead)."
-        )
     for name, result in found.items():
-        result.notes.extend(extra_notes)
+        result.notes.extend(done.notes)
         result.extra["dataset"] = role
         if name == "calibration" and role == "data" and "val" not in out.data:
             result.notes.append(
@@ -446,7 +424,7 @@ def _variance(
 
     per_class: the shared pass's subsample; every size reads those same images, since a shift
     r(s)/r0 of two image sets measures the sets, not the size."""
-    from vitdiag.probes.variance import variance_study
+    from vitdiag.studies.variance import variance_study
 
     asked = list(sizes)
     # The native size alone still gives r0 and Var P; naming it keeps the study from noting
@@ -454,7 +432,9 @@ def _variance(
     study = variance_study(
         loaded,
         asked or [tuple(loaded.native_size)],
-        batches_at=lambda at, size: _loader(source, _transform(at, s, size), s, per_class),
+        batches_at=lambda at, size: loader_for(
+            source, transform_at(at.data_config, s, size), s, per_class
+        ),
         accuracy=source.labelled,
         native_pass=None if native_probe is None else (native_probe, native_summary),
         interpolations=s.table_interpolations,

@@ -15,7 +15,6 @@ from vitdiag.commands.common import (
     check_ranges,
     emit,
     load_model,
-    loader_for,
     open_data,
     parse_floats,
 )
@@ -76,8 +75,7 @@ def augment(
 ) -> None:
     """Variance of Mixup / CutMix / random-erasing batches against clean ones, the data's
     mean/std after normalisation, and the paper's guideline flags (arXiv 2405.14115)."""
-    from vitdiag.data import eval_transform
-    from vitdiag.engine import resolve_device, run_probes
+    from vitdiag.engine import resolve_device
     from vitdiag.probes.augment import (
         AugmentAuditProbe,
         NoNetwork,
@@ -87,6 +85,7 @@ def augment(
         resolve_config,
         specs_for,
     )
+    from vitdiag.runner import run_pass, transform_at
 
     check_ranges(mixup=mixup, cutmix=cutmix, reprob=reprob, size=size, native_size=native_size)
     checked = DataOptions(data, limit, batch_size, workers, seed, strict, mean, std, None, crop_pct)
@@ -122,14 +121,11 @@ def augment(
     source = open_data(opts)
     data_config = dict(loaded.data_config) if loaded is not None else {}
     img_size = size or (tuple(loaded.img_size) if loaded is not None else 224)
-    transform = eval_transform(
-        data_config,
-        img_size,
-        mean=cfg.mean,
-        std=cfg.std,
-        interpolation=interpolation,
-        crop_pct=crop_pct,
+    # The recipe's normalisation (args.yaml, --mean/--std), not the checkpoint's.
+    settings = opts.settings(
+        mean=cfg.mean, std=cfg.std, interpolation=interpolation, device=device, quiet=quiet
     )
+    transform = transform_at(data_config, settings, img_size)
     dev = resolve_device(device)
     patch_model = None
     if loaded is not None:
@@ -147,15 +143,15 @@ def augment(
         patch=patch_size_of(loaded.model) if loaded is not None else 16,
         seed=seed,
     )
-    summary = run_probes(
-        NoNetwork(),
-        loader_for(source, transform, opts),
+    # The network is not run: the probe reads the batches (and the patch embedding) itself.
+    done = run_pass(
+        None,
+        source,
         [probe],
-        device=dev,
-        seed=seed,
-        total_images=min(len(source), limit or len(source)),
-        quiet=quiet,
+        settings,
+        transform=transform,
         description="augment",
+        model=NoNetwork(),
     )
     result = audit_result(
         probe,
@@ -179,18 +175,6 @@ def augment(
         "std": list(transform.config["std"]),
         "from": cfg.sources.get("mean", "the checkpoint" if loaded is not None else "ImageNet"),
     }
-    if summary.n_unreadable:
-        result.notes.append(
-            f"{summary.n_unreadable} unreadable image(s) were skipped (--strict fails instead)."
-        )
-    data_desc = dict(
-        source.describe(), n_images=summary.n_images, n_unreadable=summary.n_unreadable
-    )
-    emit(
-        "augment",
-        [result],
-        loaded=loaded,
-        data=data_desc,
-        json_path=json_out,
-        run={"seconds": summary.seconds},
-    )
+    result.notes.extend(done.notes)
+    run = {"seconds": done.summary.seconds}
+    emit("augment", [result], loaded=loaded, data=done.data, json_path=json_out, run=run)

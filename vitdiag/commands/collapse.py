@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -10,15 +11,13 @@ import typer
 from vitdiag import options as o
 from vitdiag.commands.common import (
     DataOptions,
+    ModelOptions,
     Output,
     check_outputs,
     check_ranges,
     emit,
-    label_check,
-    load_model,
-    loader_for,
+    load_at,
     open_data,
-    transform_for,
 )
 from vitdiag.errors import VitdiagError
 
@@ -68,69 +67,51 @@ def collapse(
     quiet: o.Quiet = False,
 ) -> None:
     """Neural collapse (NC1-NC4), classifier ETF geometry, mixup geometry and calibration."""
-    from vitdiag.engine import run_probes
-    from vitdiag.probes.calibration import CalibrationProbe
-    from vitdiag.probes.collapse import CollapseProbe, classifier_result
-    from vitdiag.probes.collapse_plots import plot_mixup_geometry, plot_reliability
-    from vitdiag.probes.mixup_geometry import MixupGeometryProbe
+    from vitdiag.plots import plot_mixup_geometry, plot_reliability
+    from vitdiag.runner import require, run_all
 
     if mixup_geometry and data is None:
         raise VitdiagError("--mixup-geometry needs training images: add --data TRAIN_DIR.")
     check_ranges(pairs=pairs, nc4_budget=budget, per_class=per_class, native_size=native_size)
-    DataOptions(
+    opts = DataOptions(
         data, limit, batch_size, workers, seed, strict, mean, std, interpolation, crop_pct
-    ).validate()
+    )
+    opts.validate()
     check_outputs(
         [Output("--json", json_out), Output("--plots", plots, folder=True)], [ckpt, data, val]
     )
-    loaded = load_model(
-        ckpt,
-        arch,
-        ema=ema,
-        unsafe_pickle=unsafe_pickle,
-        model_arg=model_arg,
-        native_size=native_size,
+    loaded, _ = load_at(ckpt, ModelOptions(arch, ema, unsafe_pickle, model_arg, native_size))
+    require(loaded, ["classifier"])  # every probe here reads the classifier head
+    train_probes = ["collapse", "mixup_geometry"] if mixup_geometry else ["collapse"]
+    wanted, sources = ["classifier"], {}
+    for path, names in ((data, train_probes), (val, ["calibration"])):
+        if path is not None:
+            source = open_data(dataclasses.replace(opts, data=path))
+            if not source.labelled:
+                raise VitdiagError(f"{path} has no labels; {names[0]} needs class sub-folders.")
+            sources[names[0]] = source
+            wanted += names
+    settings = opts.settings(
+        per_class=per_class,
+        nc4_budget=budget,
+        pairs=pairs,
+        train_mode=train_mode,
+        device=device,
+        amp=amp,
+        channels_last=channels_last,
+        quiet=quiet,
     )
-    results = [classifier_result(loaded.model)]
-    data_desc: dict = {}
-    run = dict(device=device, amp=amp, channels_last=channels_last, seed=seed, loaded=loaded)
-
-    def one_pass(path: str, probes: list, name: str, per: int | None = None):
-        opts = DataOptions(
-            path, limit, batch_size, workers, seed, strict, mean, std, interpolation, crop_pct
-        )
-        source = open_data(opts)
-        if not source.labelled:
-            raise VitdiagError(f"{path} has no labels; {name} needs class sub-folders.")
-        notes = label_check(loaded, source)
-        loader = loader_for(source, transform_for(loaded, opts, loaded.img_size), opts, per)
-        summary = run_probes(
-            loaded.model,
-            loader,
-            probes,
-            total_images=loader.n_images,
-            quiet=quiet,
-            description=name,
-            **run,
-        )
-        for r in summary.results:
-            r.notes.extend(notes)
-        desc = dict(source.describe(), n_images=summary.n_images, n_unreadable=summary.n_unreadable)
-        return summary.results, desc
-
-    if data is not None:
-        probes = [CollapseProbe.for_model(loaded.model, budget=budget, seed=seed)]
-        if mixup_geometry:
-            probes.append(
-                MixupGeometryProbe.for_model(
-                    loaded.model, pairs=pairs, seed=seed, train_mode=train_mode
-                )
-            )
-        found, data_desc["train"] = one_pass(data, probes, "collapse", per_class)
-        results += found
-    if val is not None:
-        found, data_desc["val"] = one_pass(val, [CalibrationProbe()], "calibration")
-        results += found
+    results = run_all(
+        loaded,
+        sources.get("collapse"),
+        probes=wanted,
+        val_source=sources.get("calibration"),
+        settings=settings,
+    )
+    # This command's own order and names: the classifier, the training split, then --val.
+    results.sort(key=lambda r: wanted.index(r.probe))
+    roles = {"data": "train", "val": "val"}
+    data_desc = {roles[k]: v for k, v in results.data.items()}
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)
         for r in results:

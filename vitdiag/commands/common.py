@@ -246,6 +246,35 @@ class DataOptions:
         )
         parse_norm(self.mean, self.std)
 
+    def settings(self, **more: Any):
+        """The runner's `Settings` for these data options, plus device and probe options."""
+        from vitdiag.runner import Settings
+
+        mean, std = parse_norm(self.mean, self.std)
+        fields = dict(
+            batch_size=self.batch_size,
+            workers=self.workers,
+            limit=self.limit,
+            seed=self.seed,
+            strict=self.strict,
+            mean=mean,
+            std=std,
+            interpolation=self.interpolation,
+            crop_pct=self.crop_pct,
+        )
+        return Settings(**{**fields, **more})
+
+
+@dataclass
+class ModelOptions:
+    """How to load a checkpoint: the options every model-taking command shares."""
+
+    arch: str | None = None
+    ema: bool = False
+    unsafe_pickle: bool = False
+    model_arg: list[str] | None = None
+    native_size: int | None = None
+
 
 def check_invariance_options(
     aug: str, views: int, embedding: str, alpha: str | float | None = None
@@ -271,54 +300,44 @@ def open_data(opts: DataOptions):
 
 
 def transform_for(loaded, opts: DataOptions, size: int | tuple[int, int] | None):
-    from vitdiag.data import eval_transform
+    from vitdiag.runner import transform_at
 
-    mean, std = parse_norm(opts.mean, opts.std)
-    return eval_transform(
-        loaded.data_config,
-        size,
-        mean=mean,
-        std=std,
-        interpolation=opts.interpolation,
-        crop_pct=opts.crop_pct,
-    )
+    return transform_at(loaded.data_config, opts.settings(), size)
 
 
 def loader_for(source, transform, opts: DataOptions, per_class: int | None = None):
-    from vitdiag.data import make_loader
-    from vitdiag.engine import init_distributed
+    from vitdiag.runner import loader_for
 
-    rank, world = init_distributed()
-    return make_loader(
-        source,
-        transform,
-        batch_size=opts.batch_size,
-        workers=opts.workers,
-        limit=opts.limit,
-        seed=opts.seed,
-        rank=rank,
-        world_size=world,
-        per_class=per_class,
-    )
+    return loader_for(source, transform, opts.settings(), per_class)
 
 
 def label_check(loaded, source) -> list[str]:
     """Warnings when the data's classes cannot be the model's classes."""
-    notes = []
-    if source.labelled and source.classes is not None:
-        names = loaded.provenance.get("label_names")
-        if len(source.classes) > loaded.num_classes:
-            raise VitdiagError(
-                f"the data has {len(source.classes)} classes but the model has "
-                f"{loaded.num_classes} "
-                "outputs; point --data at a dataset with the model's classes."
-            )
-        if names and list(names) != list(source.classes):
-            notes.append(
-                "the data's class folders are not named like the checkpoint's label_names; "
-                "accuracy assumes folder order = output order."
-            )
-    return notes
+    from vitdiag.runner import label_notes
+
+    return label_notes(loaded, source)
+
+
+def load_at(
+    ckpt: str | None, model: ModelOptions, size: int | None = None, data: DataOptions | None = None
+):
+    """The checkpoint loaded as the model options say, rebuilt at `size` when one is given.
+
+    data: DataOptions opened (and checked) between the two, the order errors are reported in."""
+    loaded = load_model(
+        ckpt,
+        model.arch,
+        ema=model.ema,
+        unsafe_pickle=model.unsafe_pickle,
+        model_arg=model.model_arg,
+        native_size=model.native_size,
+    )
+    source = open_data(data) if data is not None else None
+    if size is not None:
+        from vitdiag.model import at_size
+
+        loaded = at_size(loaded, size)
+    return loaded, source
 
 
 def json_to_stdout(json_path: Path | None) -> bool:

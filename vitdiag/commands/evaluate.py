@@ -5,15 +5,12 @@ from __future__ import annotations
 from vitdiag import options as o
 from vitdiag.commands.common import (
     DataOptions,
+    ModelOptions,
     Output,
     check_outputs,
     check_ranges,
     emit,
-    label_check,
-    load_model,
-    loader_for,
-    open_data,
-    transform_for,
+    load_at,
 )
 
 
@@ -42,9 +39,7 @@ def evaluate(
     quiet: o.Quiet = False,
 ) -> None:
     """Top-1 accuracy, NLL and mean confidence of a checkpoint on a dataset."""
-    from vitdiag.engine import run_probes
-    from vitdiag.model import at_size
-    from vitdiag.probes.accuracy import AccuracyProbe
+    from vitdiag.runner import run_all
 
     opts = DataOptions(
         data, limit, batch_size, workers, seed, strict, mean, std, interpolation, crop_pct
@@ -52,47 +47,9 @@ def evaluate(
     opts.validate()
     check_ranges(size=size, native_size=native_size)
     check_outputs([Output("--json", json_out)], [ckpt, data])
-    loaded = load_model(
-        ckpt,
-        arch,
-        ema=ema,
-        unsafe_pickle=unsafe_pickle,
-        model_arg=model_arg,
-        native_size=native_size,
-    )
-    source = open_data(opts)
-    notes = label_check(loaded, source)
-    if size is not None:
-        loaded = at_size(loaded, size)
-    loader = loader_for(source, transform_for(loaded, opts, loaded.img_size), opts)
-    probe = AccuracyProbe()
-    summary = run_probes(
-        loaded.model,
-        loader,
-        [probe],
-        device=device,
-        amp=amp,
-        channels_last=channels_last,
-        seed=seed,
-        loaded=loaded,
-        total_images=min(len(source), limit or len(source)),
-        quiet=quiet,
-        description="eval",
-    )
-    result = summary.results[0]
-    result.notes.extend(notes)
-    if summary.n_unreadable:
-        result.notes.append(
-            f"{summary.n_unreadable} unreadable image(s) were skipped (--strict fails instead)."
-        )
-    data_desc = dict(
-        source.describe(), n_images=summary.n_images, n_unreadable=summary.n_unreadable
-    )
-    emit(
-        "eval",
-        [result],
-        loaded=loaded,
-        data=data_desc,
-        json_path=json_out,
-        run={"seconds": summary.seconds, "world_size": summary.world_size},
-    )
+    model = ModelOptions(arch, ema, unsafe_pickle, model_arg, native_size)
+    loaded, source = load_at(ckpt, model, size, data=opts)
+    settings = opts.settings(device=device, amp=amp, channels_last=channels_last, quiet=quiet)
+    results = run_all(loaded, source, probes={"eval"}, settings=settings, label="eval")
+    run = {"seconds": results.seconds, "world_size": results.world_size}
+    emit("eval", results, loaded=loaded, data=results.data["data"], json_path=json_out, run=run)

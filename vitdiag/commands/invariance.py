@@ -10,16 +10,15 @@ import typer
 from vitdiag import options as o
 from vitdiag.commands.common import (
     DataOptions,
+    ModelOptions,
     Output,
     check_invariance_options,
     check_outputs,
     check_ranges,
     console,
     json_to_stdout,
-    load_model,
-    loader_for,
+    load_at,
     open_data,
-    transform_for,
     write_json_text,
 )
 
@@ -103,17 +102,17 @@ def invariance(
     quiet: o.Quiet = False,
 ) -> None:
     """Invariance (Linv) and diversity (Ldiv) of augmented views, definition vitdiag-v1."""
-    from vitdiag.augmentations import parse_alpha, parse_augmentations
-    from vitdiag.engine import is_main_process, run_probes
-    from vitdiag.model import at_size, describe
-    from vitdiag.probes.invariance import InvarianceProbe, plot_invariance
+    import dataclasses
+
+    from vitdiag.engine import is_main_process
+    from vitdiag.model import describe
+    from vitdiag.plots import plot_invariance
     from vitdiag.report import render
     from vitdiag.results import Result, Table, document, dumps
+    from vitdiag.runner import run_all
 
     # Validate everything cheap before loading a single model.
     check_invariance_options(aug, views, embedding, alpha)
-    aug_names = parse_augmentations(aug)
-    alphas = parse_alpha(alpha)
     targets: list[str | None] = list(ckpts) if ckpts else [None]
     labels = _labels(targets, arch)
     opts = DataOptions(
@@ -123,68 +122,40 @@ def invariance(
     check_ranges(size=size, native_size=native_size)
     check_outputs([Output("--json", json_out), Output("--plot", plot)], [*targets, data])
     source = open_data(opts)
+    # Invariance never reads labels, so any data will do, whatever its classes.
+    settings = opts.settings(
+        aug=aug,
+        views=views,
+        embedding=embedding,
+        alpha=alpha,
+        label_check=False,
+        device=device,
+        amp=amp,
+        channels_last=channels_last,
+        quiet=quiet,
+    )
+    model = ModelOptions(arch, ema, unsafe_pickle, model_arg, native_size)
 
     results: list[Result] = []
-    summaries = []
+    runs = []
     first_loaded = None
     for ckpt, label in zip(targets, labels, strict=True):
-        loaded = load_model(
-            ckpt,
-            arch,
-            ema=ema,
-            unsafe_pickle=unsafe_pickle,
-            model_arg=model_arg,
-            native_size=native_size,
-        )
-        if size is not None:
-            loaded = at_size(loaded, size)
-        transform = transform_for(loaded, opts, loaded.img_size)
-        loader = loader_for(source, transform, opts)
-        cfg = transform.config
-        probe = InvarianceProbe(
-            aug_names,
-            views=views,
-            embedding=embedding,
-            alpha=alphas,
-            mean=cfg["mean"],
-            std=cfg["std"],
-            size=tuple(cfg["input_size"][1:]),
-            interpolation=cfg["interpolation"],
-        )
-        summary = run_probes(
-            loaded.model,
-            loader,
-            [probe],
-            device=device,
-            amp=amp,
-            channels_last=channels_last,
-            seed=seed,
-            loaded=loaded,
-            total_images=loader.n_images,
-            quiet=quiet,
-            description=f"invariance {label}",
-        )
-        result = summary.results[0]
+        loaded, _ = load_at(ckpt, model, size)
+        each = dataclasses.replace(settings, label=f"invariance {label}")
+        found = run_all(loaded, source, probes={"invariance"}, settings=each)
+        result = found[0]
         result.extra["checkpoint"] = label
         result.extra["model"] = describe(loaded)
-        if summary.n_unreadable:
-            result.notes.append(
-                f"{summary.n_unreadable} unreadable image(s) were skipped (--strict fails instead)."
-            )
         results.append(result)
-        summaries.append(summary)
+        runs.append(found)
         if len(targets) == 1:
             first_loaded = loaded
         # Free the model before loading the next one: checkpoints can be large.
-        del loaded, probe
+        del loaded
 
     if not is_main_process():
         return
-    data_desc = dict(
-        source.describe(),
-        n_images=summaries[0].n_images,
-        n_unreadable=summaries[0].n_unreadable,
-    )
+    data_desc = runs[0].data["data"]
     shown = results
     if len(results) > 1:
         rows = [
@@ -219,7 +190,7 @@ def invariance(
     single = results[0].extra["model"] if len(results) == 1 else None
     doc = document("invariance", results, single, data_desc)
     doc["run"] = {
-        "seconds": sum(s.seconds for s in summaries),
-        "world_size": summaries[0].world_size,
+        "seconds": sum(r.seconds for r in runs),
+        "world_size": runs[0].world_size,
     }
     write_json_text(dumps(doc), json_out)

@@ -10,14 +10,13 @@ import typer
 from vitdiag import options as o
 from vitdiag.commands.common import (
     DataOptions,
+    ModelOptions,
     Output,
     check_outputs,
     check_ranges,
     emit,
-    load_model,
-    loader_for,
+    load_at,
     open_data,
-    transform_for,
 )
 
 _RANDOM = object()  # marks the --random-baseline entry in the list of checkpoints
@@ -68,11 +67,10 @@ def similarity(
     quiet: o.Quiet = False,
 ) -> None:
     """Patch-wise cosine similarity per layer: how far tokens collapse onto each other."""
-    from vitdiag.engine import run_probes
     from vitdiag.model import at_size, describe, load
-    from vitdiag.probes.similarity import SimilarityProbe
-    from vitdiag.probes.similarity_plot import plot_similarity
+    from vitdiag.plots import plot_similarity
     from vitdiag.results import Result, Table
+    from vitdiag.runner import require, run_all
 
     opts = DataOptions(
         data, limit, batch_size, workers, seed, strict, mean, std, interpolation, crop_pct
@@ -82,6 +80,17 @@ def similarity(
     check_ranges(size=size, native_size=native_size)
     check_outputs([Output("--json", json_out), Output("--plot", plot)], [*(ckpts or []), data])
     source = open_data(opts)
+    # Similarity never reads labels, so any data will do, whatever its classes.
+    settings = opts.settings(
+        layers=names,
+        label_check=False,
+        label="similarity",
+        device=device,
+        amp=amp,
+        channels_last=channels_last,
+        quiet=quiet,
+    )
+    model = ModelOptions(arch, ema, unsafe_pickle, model_arg, native_size)
     labelled_results: list[tuple[str, Result]] = []
     models = []
     data_desc = None
@@ -99,32 +108,12 @@ def similarity(
                 img_size=first.native_size,
                 native_size=first.native_size,
             )
+            loaded = at_size(loaded, size) if size is not None else loaded
         else:
-            loaded = load_model(
-                ckpt,
-                arch,
-                ema=ema,
-                unsafe_pickle=unsafe_pickle,
-                model_arg=model_arg,
-                native_size=native_size,
-            )
-        if size is not None:
-            loaded = at_size(loaded, size)
-        loader = loader_for(source, transform_for(loaded, opts, loaded.img_size), opts)
-        summary = run_probes(
-            loaded.model,
-            loader,
-            [SimilarityProbe(names)],
-            device=device,
-            amp=amp,
-            channels_last=channels_last,
-            seed=seed,
-            loaded=loaded,
-            total_images=loader.n_images,
-            quiet=quiet,
-            description="similarity",
-        )
-        result = summary.results[0]
+            loaded, _ = load_at(ckpt, model, size)
+        require(loaded, ["similarity"])
+        found = run_all(loaded, source, probes={"similarity"}, settings=settings)
+        result = found[0]
         label = f"{loaded.arch} (random)" if ckpt in (None, _RANDOM) else Path(ckpt).name
         result.extra["label"] = label
         result.extra["model"] = describe(loaded)
@@ -132,9 +121,7 @@ def similarity(
             t.title = f"{t.title} — {label}"
         labelled_results.append((label, result))
         models.append(loaded)
-        data_desc = dict(
-            source.describe(), n_images=summary.n_images, n_unreadable=summary.n_unreadable
-        )
+        data_desc = found.data["data"]
 
     results = [r for _, r in labelled_results]
     if len(results) > 1:

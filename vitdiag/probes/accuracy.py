@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from vitdiag.probes.base import LOGITS, Probe, Taps
+from vitdiag.probes.base import EVAL, LOGITS, Probe, Taps
 from vitdiag.results import Result, Table
 
 
 class AccuracyProbe(Probe):
     name = "eval"
+    title = "Evaluation"
+    order = 1
+    split = EVAL
     needs = frozenset({LOGITS})
+    headlines = ("top1", "nll")
+    headline_rank = 0
+    check_metrics = ("top1", "nll", "mean_confidence", "n_images", "n_labelled")
 
     def __init__(self) -> None:
         super().__init__()

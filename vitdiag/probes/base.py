@@ -45,11 +45,49 @@ class Taps:
         return self.targets >= 0
 
 
+# Which data a probe reads: the training split, the evaluation split, or none at all.
+TRAIN, EVAL, NO_DATA = "train", "eval", "none"
+
+
 class Probe:
-    """Base class. Subclasses set `name`, `needs`, and implement `update` and `compute`."""
+    """Base class. Subclasses implement `update` and `compute` and declare their own facts,
+    as torchmetrics' ``Metric`` declares its states, so that the runner, `check` and the report
+    read them instead of keeping lists of their own:
+
+    name: the probe's name in results, `--probes` and check metric names (``name.key``);
+    title: the report section heading;
+    split: which data it reads (TRAIN, EVAL, or NO_DATA for data-free probes);
+    needs_labels: whether it is meaningless without labelled images;
+    needs: the taps it asks the engine for (may be set per instance);
+    headlines: regular expressions of the metric keys that go into the report's comparison;
+        a plain key (no regex syntax) is a fixed row, placed by (`headline_rank`, position);
+        rows from patterns follow the fixed ones in the order they are met;
+    headline_rank: the probe's place in the comparison's fixed rows and in `check`'s list;
+    check_metrics: templates of the metric keys `check` accepts before a run (``<head>.``,
+        ``<size>``, ``<layer>``… stand for parts known only once a model is loaded);
+    applies(loaded): None when the probe can run on this model, else one sentence why not;
+    order: its place in reports; probes with an order are found by `probes.registry` and run
+        by `runner.run_all`, so adding one touches only its own module;
+    build(loaded, settings, transform): an instance configured from the run's settings.
+    """
 
     name: str = "probe"
+    title: str = ""
+    order: int | None = None  # place in `run_all` and in reports; None: not run by `run_all`
+    split: str = EVAL
+    needs_labels: bool = False
     needs: frozenset[str] = frozenset()
+    headlines: tuple[str, ...] = ()
+    headline_rank: int = 0
+    check_metrics: tuple[str, ...] = ()
+
+    @classmethod
+    def applies(cls, loaded: Any) -> str | None:
+        return None
+
+    @classmethod
+    def build(cls, loaded: Any, settings: Any, transform: Any) -> Probe:
+        return cls()
 
     def __init__(self) -> None:
         self._sum_states: dict[str, torch.Tensor] = {}

@@ -8,12 +8,12 @@ Every state is a float64 sum, so the probe streams and reduces across processes 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from vitdiag.errors import VitdiagError
-from vitdiag.probes.base import LABELS, LOGITS, Probe, Taps
-from vitdiag.probes.collapse_plots import plot_reliability
+from vitdiag.probes.base import EVAL, LABELS, LOGITS, Probe, Taps
 from vitdiag.results import Result, Table
 
 __all__ = [
@@ -22,7 +22,6 @@ __all__ = [
     "calibration_bins",
     "ece_from_bins",
     "mce_from_bins",
-    "plot_reliability",
 ]
 
 DEFAULT_BINS = 15
@@ -73,7 +72,18 @@ def mce_from_bins(
 
 class CalibrationProbe(Probe):
     name = "calibration"
+    title = "Calibration"
+    order = 2
+    split = EVAL
+    needs_labels = True
     needs = frozenset({LOGITS, LABELS})
+    headlines = ("ece",)
+    headline_rank = 1
+    check_metrics = ("ece", "mce", "nll", "accuracy", "n")
+
+    @classmethod
+    def build(cls, loaded: Any, settings: Any, transform: Any) -> CalibrationProbe:
+        return cls(settings.bins)
 
     def __init__(self, n_bins: int = DEFAULT_BINS) -> None:
         super().__init__()

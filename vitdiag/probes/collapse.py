@@ -26,7 +26,16 @@ import torch
 from torch import nn
 
 from vitdiag.errors import VitdiagError
-from vitdiag.probes.base import FEATURES, LABELS, LOGITS, PRELOGITS, Probe, Taps
+from vitdiag.probes.base import (
+    FEATURES,
+    LABELS,
+    LOGITS,
+    NO_DATA,
+    PRELOGITS,
+    TRAIN,
+    Probe,
+    Taps,
+)
 from vitdiag.results import Result, Table
 
 DEFINITION = "papyan2020-v1"
@@ -498,7 +507,51 @@ class CollapseProbe(Probe):
     """
 
     name = "collapse"
+    title = "Neural collapse"
+    order = 4
+    split = TRAIN
+    needs_labels = True
     needs = frozenset({PRELOGITS, LOGITS, LABELS, FEATURES})
+    headlines = ("nc1", "nc2_etf_means", "nc3", "nc4")
+    headline_rank = 3
+    # Literal, so `check` reads it without importing torch; the [_wmean] ones are exactly
+    # _MU_G_DEPENDENT (tests/test_probe_declarations.py holds them together).
+    check_metrics = (
+        "<head>.nc1[_wmean]",
+        "<head>.nc1_trace[_wmean]",
+        "<head>.nc1_trace_ratio[_wmean]",
+        "<head>.nc2_equinorm_means[_wmean]",
+        "<head>.nc2_equiangular_means[_wmean]",
+        "<head>.nc2_maxangle_means[_wmean]",
+        "<head>.nc2_mean_cos_means[_wmean]",
+        "<head>.nc2_etf_means[_wmean]",
+        "<head>.nc3[_wmean]",
+        "<head>.nc3_etf[_wmean]",
+        "<head>.nc2_equinorm_weights",
+        "<head>.nc2_equiangular_weights",
+        "<head>.nc2_maxangle_weights",
+        "<head>.nc2_mean_cos_weights",
+        "<head>.nc2_etf_weights",
+        "<head>.nc4",
+        "<head>.nc4_nobias",
+        "<head>.nc4_ci_low",
+        "<head>.nc4_ci_high",
+        "<head>.nc4_nobias_ci_low",
+        "<head>.nc4_nobias_ci_high",
+        "<head>.nc4_sample_size",
+        "<head>.nc4_population",
+        "<head>.n",
+        "<head>.classes",
+        "<head>.dim",
+    )
+
+    @classmethod
+    def applies(cls, loaded: Any) -> str | None:
+        return heads_missing(loaded.model)
+
+    @classmethod
+    def build(cls, loaded: Any, settings: Any, transform: Any) -> CollapseProbe:
+        return cls.for_model(loaded.model, budget=settings.nc4_budget, seed=settings.seed)
 
     def __init__(
         self,
@@ -749,6 +802,50 @@ _DESCRIPTIONS = {
 def _nc_table(head: Head, m: dict[str, float]) -> Table:
     rows = [[key, m[key], desc] for key, desc in _DESCRIPTIONS.items() if key in m]
     return Table(f"Neural collapse — {head.name}", ["metric", "value", "definition"], rows)
+
+
+def heads_missing(model: nn.Module) -> str | None:
+    """None when the model has a linear classifier head to measure, else why not."""
+    try:
+        classifier_heads(model)
+    except VitdiagError as e:
+        return str(e)
+    return None
+
+
+class ClassifierProbe(Probe):
+    """The classifier's geometry from its weights alone: a probe that reads no data."""
+
+    name = "classifier"
+    title = "Classifier geometry (no data)"
+    order = 0
+    split = NO_DATA
+    headlines = ("w_etf",)
+    headline_rank = 2
+    check_metrics = (
+        "<head>.w_norm_cov",
+        "<head>.w_cos_std",
+        "<head>.w_cos_mean",
+        "<head>.w_maxangle",
+        "<head>.w_etf",
+        "<head>.w_bias_mean",
+        "<head>.w_bias_std",
+    )
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @classmethod
+    def applies(cls, loaded: Any) -> str | None:
+        return heads_missing(loaded.model)
+
+    @classmethod
+    def build(cls, loaded: Any, settings: Any, transform: Any) -> ClassifierProbe:
+        return cls(loaded.model)
+
+    def compute(self) -> Result:
+        return classifier_result(self.model)
 
 
 def classifier_result(model: nn.Module) -> Result:

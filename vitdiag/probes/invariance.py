@@ -15,7 +15,6 @@ on several processes add up. How views are seeded is described in `vitdiag.augme
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,11 +24,11 @@ from vitdiag.augmentations import (
     DEFAULT_ALPHA,
     Augmentation,
     build_augmentation,
+    parse_alpha,
     parse_augmentations,
 )
 from vitdiag.errors import VitdiagError
-from vitdiag.plotting import new_figure, save_png
-from vitdiag.probes.base import FEATURES, PRELOGITS, Probe, Taps
+from vitdiag.probes.base import FEATURES, PRELOGITS, TRAIN, Probe, Taps
 from vitdiag.results import Result, Table
 
 DEFINITION = "vitdiag-v1"
@@ -125,6 +124,26 @@ class InvarianceProbe(Probe):
     """
 
     name = "invariance"
+    title = "Invariance and diversity of augmented views"
+    order = 7
+    split = TRAIN
+    headlines = (r".+\.linv",)
+    headline_rank = 6
+    check_metrics = ("<aug>.linv", "<aug>.ldiv")
+
+    @classmethod
+    def build(cls, loaded: Any, settings: Any, transform: Any) -> InvarianceProbe:
+        cfg = transform.config  # the batches' own normalisation and size
+        return cls(
+            parse_augmentations(settings.aug),
+            views=settings.views,
+            embedding=settings.embedding,
+            alpha=parse_alpha(settings.alpha),
+            mean=cfg["mean"],
+            std=cfg["std"],
+            size=tuple(cfg["input_size"][1:]),
+            interpolation=cfg["interpolation"],
+        )
 
     def __init__(
         self,
@@ -303,40 +322,3 @@ class InvarianceProbe(Probe):
                 "seeded with vitdiag.augmentations.view_seed(seed, augmentation, p, v)",
             },
         )
-
-
-def plot_invariance(results: Sequence[tuple[str, Result]], path: str | Path) -> Path:
-    """A PNG of Ldiv against Linv, one point per augmentation, a marker/colour per checkpoint.
-
-    The file appears whole or not at all (temporary sibling, then rename). Returns the path.
-    """
-    if not results:
-        raise VitdiagError("nothing to plot: no invariance results were given.")
-    for label, res in results:
-        if res.probe != "invariance" or "augmentations" not in res.extra:
-            raise VitdiagError(f"{label}: not an invariance result (probe {res.probe!r}).")
-
-    markers = "osD^vP*Xh<>p"
-    fig = new_figure(6.4, 5.0)
-    ax = fig.add_subplot(1, 1, 1)
-    for k, (label, res) in enumerate(results):
-        names, xs, ys = [], [], []
-        for name, vals in res.extra["augmentations"].items():
-            x, y = vals.get("linv"), vals.get("ldiv")
-            if x is None or y is None or x != x or y != y:
-                continue
-            names.append(name)
-            xs.append(float(x))
-            ys.append(float(y))
-        ax.scatter(xs, ys, marker=markers[k % len(markers)], s=36, label=label or None, alpha=0.85)
-        for name, x, y in zip(names, xs, ys, strict=True):
-            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    emb = results[0][1].extra.get("embedding", "")
-    ax.set_xlabel("Linv (mean cos clean↔view, higher = more invariant)")
-    ax.set_ylabel("Ldiv (1 − mean cos view↔view, higher = more diverse)")
-    ax.set_title(f"Invariance vs diversity ({DEFINITION}, {emb})", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    if any(label for label, _ in results):
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_png(fig, path)

@@ -26,9 +26,8 @@ import torch
 from torch import nn
 
 from vitdiag.errors import VitdiagError
-from vitdiag.probes.base import LABELS, Probe, Taps
-from vitdiag.probes.collapse import Head, _rank, classifier_heads
-from vitdiag.probes.collapse_plots import plot_mixup_geometry
+from vitdiag.probes.base import LABELS, TRAIN, Probe, Taps
+from vitdiag.probes.collapse import Head, _rank, classifier_heads, heads_missing
 from vitdiag.results import Result, Table
 
 __all__ = [
@@ -36,7 +35,6 @@ __all__ = [
     "MixupGeometryProbe",
     "mix",
     "mixed_features",
-    "plot_mixup_geometry",
     "select_pairs",
     "train_mode_without_side_effects",
     "zero_crossing",
@@ -163,7 +161,34 @@ class MixupGeometryProbe(Probe):
     """Extra forwards of mixed pairs through `taps.context.forward`, streamed per λ."""
 
     name = "mixup_geometry"
+    title = "Mixup geometry"
+    order = 5
+    split = TRAIN
+    needs_labels = True
     needs = frozenset({LABELS})
+    headlines = ("lambda_star",)
+    headline_rank = 4
+    check_metrics = (
+        "lambda_star",
+        "margin@<lambda>",
+        "same_cos_mean",
+        "same_cos_range",
+        "same_norm_range_rel",
+        "diff_span_share_mean",
+        "diff_span_energy_mean",
+        "pairs_same",
+        "pairs_diff",
+    )
+
+    @classmethod
+    def applies(cls, loaded: Any) -> str | None:
+        return heads_missing(loaded.model)
+
+    @classmethod
+    def build(cls, loaded: Any, settings: Any, transform: Any) -> MixupGeometryProbe:
+        return cls.for_model(
+            loaded.model, pairs=settings.pairs, seed=settings.seed, train_mode=settings.train_mode
+        )
 
     def __init__(
         self,
