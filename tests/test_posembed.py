@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 
 from vitdiag.cli import app
 from vitdiag.posembed import (
-    build_at_size,
     grid_tokens,
     resample_table,
     rescale_grid,
@@ -25,6 +24,7 @@ from vitdiag.posembed import (
     table_variance,
     target_table,
 )
+from vitdiag.studies.sizes import build_at_size
 
 runner = CliRunner()
 

@@ -11,13 +11,14 @@ from test_posembed import save_tiny
 from typer.testing import CliRunner
 
 from vitdiag.cli import app
-from vitdiag.posembed import build_at_size, grid_tokens, table_of, table_variance
+from vitdiag.posembed import grid_tokens, table_of, table_variance
 from vitdiag.probes.variance import (
     patch_tokens,
-    variance_study,
     variance_sums,
     variances_from_sums,
 )
+from vitdiag.studies.sizes import build_at_size
+from vitdiag.studies.variance import variance_study
 
 runner = CliRunner()
 

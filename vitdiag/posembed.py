@@ -1,38 +1,30 @@
-"""Absolute position tables: resample, rescale, measure, write a checkpoint plain timm can load.
+"""Absolute position tables as pure table math: resample, rescale, measure, swap in.
 
 SPEC §1 and §5. The grid part of a table is resampled with timm's own
 ``resample_abs_pos_embed`` (so a model resized here matches a model timm resized on load), then
 multiplied by a factor c; prefix rows (class, distillation, register tokens) are never touched.
 Two layouts exist: ``nlc`` tables (1, prefix + H·W, D) and PiT's channels-first (1, D, H, W),
 which is turned into (1, H·W, D), resampled with no prefix rows, and turned back.
+
+Nothing here builds, runs or writes a model: the workflows that do (the variance study,
+fix-posembed) are `vitdiag.studies`, above the probes and the engine.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
-import json
 import math
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from vitdiag.errors import VitdiagError
-from vitdiag.families import NCHW, Family, family_of, has_abs_pos_table, pos_prefix_rows
-
-if TYPE_CHECKING:
-    from vitdiag.model import LoadedModel
+from vitdiag.families import NCHW, Family, family_of, pos_prefix_rows
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 RESCALES = ("empirical", "sqrt-axis", "sqrt-area", "none")
 REDUCTIONS = ("per-token", "global")
-FORMATS = ("safetensors", "pth")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,14 +120,21 @@ def resample_table(
     old_grid: tuple[int, int],
     new_grid: tuple[int, int],
     interpolation: str = "bicubic",
+    antialias: bool | None = None,
 ) -> torch.Tensor:
-    """The table with its grid resampled as timm does; prefix rows are the input's own rows."""
+    """The table with its grid resampled as timm does; prefix rows are the input's own rows.
+
+    `antialias` None follows `antialias_for`; the loader passes what the architecture's own
+    checkpoint filter uses (FlexiViT's, for one, is bilinear without antialias).
+    """
     from timm.layers import resample_abs_pos_embed
 
     if interpolation not in INTERPOLATIONS:
         raise VitdiagError(
             f"--interpolation {interpolation!r} is not one of {', '.join(INTERPOLATIONS)}."
         )
+    if antialias is None:
+        antialias = antialias_for(interpolation)
     table = table.detach()
     if layout == NCHW:
         d = table.shape[1]
@@ -146,7 +145,7 @@ def resample_table(
             old_size=list(old_grid),
             num_prefix_tokens=0,
             interpolation=interpolation,
-            antialias=antialias_for(interpolation),
+            antialias=antialias,
         )
         return out.transpose(1, 2).reshape(1, d, *new_grid).clone()
     out = resample_abs_pos_embed(
@@ -155,7 +154,7 @@ def resample_table(
         old_size=list(old_grid),
         num_prefix_tokens=prefix_rows,
         interpolation=interpolation,
-        antialias=antialias_for(interpolation),
+        antialias=antialias,
     )
     # timm returns its input unchanged when the grid already fits; never hand out an alias.
     return out.clone()
@@ -225,11 +224,27 @@ def swapped_table(model: Any, table: torch.Tensor) -> Iterator[None]:
 # sizes and factors
 
 
-def as_hw(size: Any) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    h, w = (int(v) for v in size)
-    return h, w
+def as_hw(size: Any, what: str = "size") -> tuple[int, int]:
+    """(height, width) of 224, (224, 320), [224] or text such as '224', '224,320', '224x320';
+    anything else, or a side below 1, is a VitdiagError naming `what` (an option or a file)."""
+    import re
+
+    try:
+        if isinstance(size, str):
+            parts = [p for p in re.split(r"[x,\s]+", size.strip()) if p]
+            size = [int(p) for p in parts]
+        if isinstance(size, (int, float)) and not isinstance(size, bool):
+            size = (int(size), int(size))
+        size = tuple(int(s) for s in size)
+        if len(size) == 1:
+            size = (size[0], size[0])
+        if len(size) != 2 or min(size) <= 0:
+            raise ValueError
+        return size
+    except (TypeError, ValueError):
+        raise VitdiagError(
+            f"{what} must be a positive size like 224 or 224,320, got {size!r}."
+        ) from None
 
 
 def size_label(size: Any) -> str:
@@ -309,543 +324,3 @@ def parse_interpolations(text: str | None) -> list[str]:
             "comma-separated."
         )
     return list(dict.fromkeys(items))
-
-
-# ---------------------------------------------------------------------------------------------
-# models at a size
-
-
-def native_of(loaded: LoadedModel) -> LoadedModel:
-    """The model built at the size its table was trained for."""
-    from vitdiag.model import at_size
-
-    if as_hw(loaded.img_size) == as_hw(loaded.native_size):
-        return loaded
-    return at_size(loaded, as_hw(loaded.native_size))
-
-
-def build_at_size(
-    native: LoadedModel, size: Any, *, c: float = 1.0, interpolation: str = "bicubic"
-) -> LoadedModel:
-    """`native` rebuilt at `size`, its table = native table resampled (timm's way) × c.
-
-    The architecture comes from `model.at_size` (which also rejects sizes the patch grid cannot
-    take, naming valid ones); the table is then set here from the native table, so the model
-    that runs is exactly the one `write_checkpoint` saves, whatever at_size did to the table.
-    """
-    from vitdiag.model import at_size
-
-    require_abs_pos(native.model)
-    same = as_hw(size) == as_hw(native.img_size)
-    if same and c == 1.0:
-        return native
-    target = at_size(native, as_hw(size))
-    if target is native or target.model is native.model:
-        # a rescaled table must never reach the caller's own model
-        target = dataclasses.replace(target, model=copy.deepcopy(native.model))
-    set_table(target.model, target_table(native.model, target.model, c, interpolation))
-    return target
-
-
-# ---------------------------------------------------------------------------------------------
-# writing a checkpoint
-
-
-def _resolved(p: Any) -> Path:
-    return Path(p).expanduser().resolve()
-
-
-def check_output_path(out: Path, source: Path | None, force: bool) -> None:
-    """Refuse an --out that is, contains or lies inside the input, or exists without --force."""
-    out_r = _resolved(out)
-    if source is not None:
-        src = _resolved(source)
-        if out_r == src or out_r in src.parents:
-            raise VitdiagError(
-                f"--out {out} would overwrite the input checkpoint {source}; choose another "
-                "folder (--force never overwrites the input)."
-            )
-        if src.is_dir() and src in out_r.parents:
-            raise VitdiagError(
-                f"--out {out} lies inside the input checkpoint folder {source}; choose a folder "
-                "outside it (--force never writes into the input)."
-            )
-    if (out_r.exists() or out_r.is_symlink()) and not force:
-        raise VitdiagError(f"--out {out} already exists; choose a new folder or pass --force.")
-
-
-def _model_args(loaded: LoadedModel, size: Any) -> dict[str, Any]:
-    """create_model kwargs that rebuild the architecture at `size`, JSON-able ones only."""
-    skip = {
-        "num_classes",
-        "pretrained",
-        "pretrained_cfg",
-        "pretrained_cfg_overlay",
-        "pretrained_model_args",
-        "checkpoint_path",
-        "model_name",
-        "device",
-        "dtype",
-    }
-    args: dict[str, Any] = {}
-    for k, v in dict(loaded.build_kwargs or {}).items():
-        if k in skip:
-            continue
-        try:
-            json.dumps(v)
-        except TypeError:
-            continue
-        args[k] = list(v) if isinstance(v, tuple) else v
-    if family_of(loaded.model).is_transformer:  # CNNs take any size and no img_size argument
-        h, w = as_hw(size)
-        args["img_size"] = h if h == w else [h, w]
-    return args
-
-
-def checkpoint_config(loaded: LoadedModel, size: Any, provenance: dict[str, str]) -> dict:
-    """config.json for timm's ``local-dir:`` loader, describing the model at `size`."""
-    h, w = as_hw(size)
-    dc = dict(loaded.data_config or {})
-    pcfg: dict[str, Any] = {
-        "input_size": [3, h, w],
-        "num_classes": int(loaded.num_classes),
-    }
-    for key in ("mean", "std", "interpolation", "crop_pct", "crop_mode"):
-        if dc.get(key) is not None:
-            value = dc[key]
-            pcfg[key] = list(value) if isinstance(value, (tuple, list)) else value
-    config: dict[str, Any] = {
-        "architecture": loaded.arch,
-        "num_classes": int(loaded.num_classes),
-        "model_args": _model_args(loaded, size),
-        "pretrained_cfg": pcfg,
-    }
-    names = (loaded.provenance or {}).get("label_names")
-    if names:
-        config["label_names"] = list(names)
-    config["vitdiag"] = provenance
-    return config
-
-
-def _state_dict(model: Any) -> dict[str, torch.Tensor]:
-    # clone: safetensors refuses tensors that share storage, and a later in-place change to the
-    # model must not reach what is being written.
-    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-
-
-def write_checkpoint(
-    model: Any,
-    out: Path,
-    *,
-    config: dict,
-    metadata: dict[str, str],
-    fmt: str = "safetensors",
-    source: Path | None = None,
-    force: bool = False,
-    verify: Callable[[Path], None] | None = None,
-) -> Path:
-    """Write OUT/config.json + OUT/model.safetensors (or model.pth) through a temporary folder.
-
-    The new folder is complete (and, given `verify`, checked) before it takes OUT's name, so a
-    crash or a failed check leaves either the old OUT or the new one, never a mixture; with
-    --force the old OUT is moved aside first and removed only after the new one is in place.
-    """
-    if fmt not in FORMATS:
-        raise VitdiagError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}.")
-    check_output_path(out, source, force)
-    out = Path(out).expanduser()
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    old: Path | None = None
-    try:
-        state = _state_dict(model)
-        if fmt == "safetensors":
-            from safetensors.torch import save_file
-
-            save_file(state, str(tmp / "model.safetensors"), metadata=metadata)
-        else:
-            torch.save(state, tmp / "model.pth")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        # mkdtemp makes a private (0700) folder; the result should look like any other output
-        os.chmod(tmp, 0o777 & ~umask)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-        if verify is not None:
-            verify(tmp)
-        if out.exists() or out.is_symlink():
-            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.", suffix=".old"))
-            os.replace(out, old / "previous")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / "previous").exists() and not out.exists():
-            os.replace(old / "previous", out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return out
-
-
-def reload_max_diff(out: Path, model: Any, size: Any, seed: int = 0) -> tuple[float, float]:
-    """Build OUT through plain timm (`local-dir:`) and compare its logits with `model`'s on a
-    seeded random batch: (max |Δ logit|, max |logit|)."""
-    import timm
-
-    h, w = as_hw(size)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 3, h, w, generator=gen)
-    reloaded = timm.create_model(f"local-dir:{Path(out).resolve()}", pretrained=True).eval()
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            a = model(x.to(device)).float().cpu()
-            b = reloaded(x).float()
-    finally:
-        model.train(was_training)
-    if a.shape != b.shape:
-        raise VitdiagError(
-            f"the written checkpoint in {out} rebuilds with outputs {tuple(b.shape)}, expected "
-            f"{tuple(a.shape)}; please report this as a vitdiag bug."
-        )
-    return float((a - b).abs().max()), float(a.abs().max())
-
-
-# ---------------------------------------------------------------------------------------------
-# the whole of `vitdiag fix-posembed`
-
-
-@dataclasses.dataclass
-class FixOutcome:
-    out: Path
-    c: float
-    method: str
-    loaded: Any  # the rescaled LoadedModel at the new size, as written
-    result: Any  # vitdiag.results.Result
-    max_abs_diff: float
-
-
-def _metadata_str(values: dict[str, Any]) -> dict[str, str]:
-    # safetensors metadata is str -> str; repr keeps floats exact
-    return {k: (repr(v) if isinstance(v, float) else str(v)) for k, v in values.items()}
-
-
-def _verifier(model: Any, hw: tuple[int, int], seed: int, diffs: list[float]):
-    """The check write_checkpoint runs on the finished folder before it takes OUT's name."""
-
-    def verify(folder: Path) -> None:
-        diff, scale = reload_max_diff(folder, model, hw, seed)
-        diffs.append(diff)
-        # same weights, same float32 ops: only device/kernel rounding may differ
-        if not diff <= 1e-4 * max(1.0, scale):
-            raise VitdiagError(
-                f"the checkpoint rebuilt through plain timm gives logits {diff:.3g} away from "
-                "vitdiag's model; nothing was written to --out. Please report this vitdiag bug."
-            )
-
-    return verify
-
-
-def fix_posembed(
-    loaded: LoadedModel,
-    size: Any,
-    out: Path,
-    *,
-    rescale: str | float | None = None,
-    resize_only: bool = False,
-    interpolation: str = "bicubic",
-    reduction: str = "per-token",
-    batches_at: Callable[[Any, tuple[int, int]], Iterable] | None = None,
-    accuracy: bool = False,
-    fmt: str = "safetensors",
-    force: bool = False,
-    device: Any = "cpu",
-    amp: str = "off",
-    channels_last: bool = False,
-    seed: int = 0,
-    quiet: bool = True,
-    total_images: int | None = None,
-) -> FixOutcome:
-    """Resample the table to `size`, multiply its grid by c, write a timm ``local-dir:`` folder.
-
-    c comes from `rescale` (SPEC §5; None means `empirical`). With `batches_at` the images give
-    r before and after (and accuracy before and after when `accuracy`); `empirical` needs them.
-    `resize_only` means rescale `none`, and also writes families with no absolute table at the
-    new size (`resize_without_table`). The written folder is rebuilt through plain timm and its
-    logits compared with the in-memory model's before it takes OUT's name.
-    """
-    import timm
-
-    from vitdiag import __version__
-    from vitdiag.probes.variance import rescale_name, variance_study
-    from vitdiag.results import Result, Table
-
-    if resize_only:
-        method: str | float = resize_only_rescale(rescale)
-    elif rescale is None:
-        method = "empirical"
-    else:
-        method = parse_rescale(rescale) if isinstance(rescale, str) else float(rescale)
-    if interpolation not in INTERPOLATIONS:
-        raise VitdiagError(
-            f"--interpolation {interpolation!r} is not one of {', '.join(INTERPOLATIONS)}."
-        )
-    if fmt not in FORMATS:
-        raise VitdiagError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}.")
-    if resize_only and not has_abs_pos_table(loaded.model):
-        if batches_at is not None:
-            raise VitdiagError(
-                f"--data measures the position table's variance, which this "
-                f"{family_of(loaded.model).label} model does not have; drop --data."
-            )
-        return resize_without_table(loaded, size, out, fmt=fmt, force=force, seed=seed)
-    require_rescalable(loaded.model)
-    source_path = (loaded.provenance or {}).get("path")
-    check_output_path(out, source_path, force)
-    if method == "empirical" and batches_at is None:
-        rescale_factor("empirical", size=size, native=loaded.native_size)  # raises: needs data
-    native = native_of(loaded)
-    hw = as_hw(size)
-    name = rescale_name(method)
-    key = "per_token" if reduction == "per-token" else "global"
-
-    study = None
-    if batches_at is not None:
-        study = variance_study(
-            native,
-            [hw],
-            batches_at=batches_at,
-            interpolations=[interpolation],
-            rescales=["none", method],
-            reduction=reduction,
-            accuracy=accuracy,
-            device=device,
-            amp=amp,
-            channels_last=channels_last,
-            seed=seed,
-            quiet=quiet,
-            total_images=total_images,
-        )
-    if method == "empirical":
-        c = study.c_empirical(hw)
-    else:
-        c = rescale_factor(method, size=hw, native=native.native_size)
-
-    final = build_at_size(native, hw, c=c, interpolation=interpolation)
-    layout, prefix = layout_of(final.model), pos_prefix_rows(final.model)
-    before = table_variance(
-        grid_tokens(
-            target_table(native.model, final.model, 1.0, interpolation),
-            layout=layout,
-            prefix_rows=prefix,
-        )
-    )
-    after = table_variance(grid_tokens(table_of(final.model), layout=layout, prefix_rows=prefix))
-
-    prov: dict[str, Any] = {
-        "vitdiag_version": __version__,
-        "timm_version": timm.__version__,
-        "torch_version": torch.__version__,
-        "source_path": str(Path(source_path).resolve()) if source_path else "(random weights)",
-        "source_sha256": str((loaded.provenance or {}).get("sha256") or ""),
-        "source_arch": loaded.arch,
-        "rescale_method": name,
-        "rescale_factor": float(c),
-        "interpolation": interpolation,
-        "antialias": antialias_for(interpolation),
-        "source_size": "x".join(map(str, as_hw(native.native_size))),
-        "target_size": "x".join(map(str, hw)),
-        "source_grid": "x".join(map(str, table_grid(native.model))),
-        "target_grid": "x".join(map(str, table_grid(final.model))),
-        "prefix_rows": prefix,
-        "table_layout": layout,
-        "resize_only": resize_only,
-    }
-    metrics: dict[str, float] = {
-        "c": float(c),
-        "var_p_before": before["per_token"],
-        "var_p_after": after["per_token"],
-        "var_p_global_before": before["global"],
-        "var_p_global_after": after["global"],
-    }
-    rows: list[list[Any]] = [
-        ["c (grid rows × c)", 1.0, c],
-        ["Var P per-token", before["per_token"], after["per_token"]],
-        ["Var P global", before["global"], after["global"]],
-    ]
-    notes: list[str] = []
-    if study is not None:
-        r0, r_before = study.r0(key), study.r(hw, key)
-        r_after = r_before / (c * c)
-        prov.update(
-            empirical_reduction=reduction,
-            r0=r0,
-            r_before=r_before,
-            r_after=r_after,
-            n_images=study.n_images,
-        )
-        metrics.update(
-            r0=r0,
-            r_before=r_before,
-            r_after=r_after,
-            shift_before=r_before / r0,
-            shift_after=r_after / r0,
-        )
-        rows += [
-            [f"r ({reduction}; r0 = {r0:.4g})", r_before, r_after],
-            ["shift r/r0", r_before / r0, r_after / r0],
-        ]
-        acc = study.readings[hw].accuracy
-        if "none" in acc and name in acc:
-            for what in ("top1", "nll"):
-                metrics[f"{what}_before"] = acc["none"][what]
-                metrics[f"{what}_after"] = acc[name][what]
-            rows += [
-                [f"top-1 at {size_label(hw)}", acc["none"]["top1"], acc[name]["top1"]],
-                [f"NLL at {size_label(hw)}", acc["none"]["nll"], acc[name]["nll"]],
-            ]
-        elif accuracy:
-            notes.append("the data has no labels, so accuracy before and after is not shown.")
-    else:
-        notes.append("r before and after needs images (Var X): give --data DIR.")
-
-    config = checkpoint_config(native, hw, _metadata_str(prov))
-    diffs: list[float] = []
-    written = write_checkpoint(
-        final.model,
-        out,
-        config=config,
-        metadata=_metadata_str({"format": "pt", **prov}),
-        fmt=fmt,
-        source=source_path,
-        force=force,
-        verify=_verifier(final.model, hw, seed, diffs),
-    )
-    metrics["reload_max_abs_diff"] = diffs[0]
-    weights = "model.safetensors" if fmt == "safetensors" else "model.pth"
-    notes.insert(
-        0,
-        f"wrote {written}/ (config.json + {weights}); plain timm loads it with "
-        f"timm.create_model('local-dir:{written}', pretrained=True); checked: its logits differ "
-        f"from vitdiag's model by at most {diffs[0]:.2g}.",
-    )
-    result = Result(
-        probe="fix-posembed",
-        definition="posembed-rescale-v1",
-        metrics=metrics,
-        tables=[
-            Table(
-                f"Position table {size_label(native.native_size)} → {size_label(hw)} "
-                f"({interpolation}, rescale {name})",
-                ["", "before (timm resample)", "after (× c)"],
-                rows,
-            )
-        ],
-        notes=notes,
-        extra={"provenance": prov, "out": str(written), "format": fmt},
-    )
-    return FixOutcome(Path(written), float(c), name, final, result, diffs[0])
-
-
-def _resized_rows(before: Any, after: Any) -> list[list[Any]]:
-    """[name, old shape, new shape] for every learned tensor whose shape the new size changed."""
-    old = {k: tuple(v.shape) for k, v in before.named_parameters()}
-    return [
-        [k, str(old[k]), str(tuple(v.shape))]
-        for k, v in after.named_parameters()
-        if k in old and old[k] != tuple(v.shape)
-    ]
-
-
-def resize_without_table(
-    loaded: LoadedModel,
-    size: Any,
-    out: Path,
-    *,
-    fmt: str = "safetensors",
-    force: bool = False,
-    seed: int = 0,
-) -> FixOutcome:
-    """`fix-posembed --resize-only` for a model with no absolute table: the model timm builds at
-    `size`, with the size-dependent tensors (Swin's and BEiT's relative-position bias tables)
-    resized by timm's own checkpoint filter for the architecture, written and checked as
-    fix_posembed does. Nothing is rescaled; a size the token grid cannot take is refused."""
-    import timm
-
-    from vitdiag import __version__
-    from vitdiag.model import at_size
-    from vitdiag.results import Result, Table
-
-    if fmt not in FORMATS:
-        raise VitdiagError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}.")
-    fam = family_of(loaded.model)
-    source_path = (loaded.provenance or {}).get("path")
-    check_output_path(out, source_path, force)
-    native = native_of(loaded)
-    hw = as_hw(size)
-    target = at_size(native, hw)  # names the nearest valid sizes when the grid cannot take hw
-    resized = _resized_rows(native.model, target.model)
-    prov: dict[str, Any] = {
-        "vitdiag_version": __version__,
-        "timm_version": timm.__version__,
-        "torch_version": torch.__version__,
-        "source_path": str(Path(source_path).resolve()) if source_path else "(random weights)",
-        "source_sha256": str((loaded.provenance or {}).get("sha256") or ""),
-        "source_arch": loaded.arch,
-        "rescale_method": "none",
-        "rescale_factor": 1.0,
-        "resize_only": True,
-        "resized_by": "timm checkpoint_filter_fn" if resized else "nothing size-dependent",
-        "resized_tensors": len(resized),
-        "source_size": "x".join(map(str, as_hw(native.native_size))),
-        "target_size": "x".join(map(str, hw)),
-    }
-    diffs: list[float] = []
-    written = write_checkpoint(
-        target.model,
-        out,
-        config=checkpoint_config(native, hw, _metadata_str(prov)),
-        metadata=_metadata_str({"format": "pt", **prov}),
-        fmt=fmt,
-        source=source_path,
-        force=force,
-        verify=_verifier(target.model, hw, seed, diffs),
-    )
-    weights = "model.safetensors" if fmt == "safetensors" else "model.pth"
-    notes = [
-        f"wrote {written}/ (config.json + {weights}); plain timm loads it with "
-        f"timm.create_model('local-dir:{written}', pretrained=True); checked: its logits differ "
-        f"from vitdiag's model by at most {diffs[0]:.2g}.",
-        f"this {fam.label} model has nothing to rescale, as "
-        f"{fam.why_no_abs_pos or 'it was built without an absolute position table'}; nothing "
-        + (
-            f"was rescaled; the {len(resized)} tensors below were resized as timm resizes them "
-            "when it builds the model at the new size."
-            if resized
-            else "was rescaled, and no weight depends on the input size."
-        ),
-    ]
-    rows = resized or [["(no tensor changes shape)", "", ""]]
-    result = Result(
-        probe="fix-posembed",
-        definition="posembed-resize-only-v1",
-        metrics={
-            "c": 1.0,
-            "resized_tensors": float(len(resized)),
-            "reload_max_abs_diff": diffs[0],
-        },
-        tables=[
-            Table(
-                f"Resize only {size_label(native.native_size)} → {size_label(hw)} (no rescale)",
-                ["tensor", "shape before", "shape after"],
-                rows,
-            )
-        ],
-        notes=notes,
-        extra={"provenance": prov, "out": str(written), "format": fmt},
-    )
-    return FixOutcome(Path(written), 1.0, "none", target, result, diffs[0])

@@ -96,13 +96,8 @@ def fix_posembed(
     plain timm loads: timm.create_model("local-dir:OUT", pretrained=True). With --resize-only
     nothing is rescaled, and Swin, BEiT and XCiT models are written at --size too."""
     from vitdiag.errors import VitdiagError
-    from vitdiag.posembed import (
-        check_output_path,
-        fix_posembed,
-        parse_rescale,
-        require_rescalable,
-        resize_only_rescale,
-    )
+    from vitdiag.posembed import parse_rescale, require_rescalable, resize_only_rescale
+    from vitdiag.studies.fix_posembed import check_output_path, fix_posembed
 
     if size is None:
         raise VitdiagError("give the new image size, e.g. --size 384.")

@@ -76,7 +76,7 @@ def variance(
     and (with labelled --data) accuracy under each rescale. Without --data: the table part."""
     from vitdiag.errors import VitdiagError
     from vitdiag.posembed import REDUCTIONS, parse_interpolations
-    from vitdiag.probes.variance import variance_study
+    from vitdiag.studies.variance import data_notes, variance_study
 
     if sizes is None:
         raise VitdiagError("give the test sizes to compare, e.g. --sizes 224,288,384.")
@@ -119,22 +119,9 @@ def variance(
         total_images=min(len(source), limit or len(source)) if source is not None else None,
     )
     result = study.result()
-    result.notes.extend(notes)
+    result.notes += notes + data_notes(study, source)
     data_desc = None
-    if source is None:
-        result.notes.append(
-            "Var[X_s], r, shift, k̂, the empirical c and accuracy under each rescale need "
-            "images: give --data DIR (labelled folders for accuracy)."
-        )
-    else:
-        if not source.labelled:
-            result.notes.append(
-                "the data has no labels, so accuracy under each rescale is not shown."
-            )
-        if study.n_unreadable:
-            result.notes.append(
-                f"{study.n_unreadable} unreadable image(s) were skipped (--strict fails instead)."
-            )
+    if source is not None:
         data_desc = dict(
             source.describe(), n_images=study.n_images, n_unreadable=study.n_unreadable
         )
