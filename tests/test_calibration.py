@@ -140,7 +140,7 @@ def test_ece_and_mce_from_bins_closed_form():
 
 def test_reliability_plot_is_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    from vitdiag.probes.calibration import plot_reliability
+    from vitdiag.plots import plot_reliability
 
     rng = np.random.default_rng(4)
     res = run(rng.normal(size=(200, 5)) * 2, rng.integers(0, 5, 200))

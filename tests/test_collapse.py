@@ -577,7 +577,7 @@ def test_zero_crossing_interpolates_linearly():
 
 def test_plots_write_png_files(tmp_path):
     pytest.importorskip("matplotlib")
-    from vitdiag.probes.collapse_plots import plot_mixup_geometry
+    from vitdiag.plots import plot_mixup_geometry
 
     model = LinearNet(num_classes=3).eval()
     images, labels = torch.randn(30, 3, 8, 8), torch.arange(30) % 3

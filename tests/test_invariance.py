@@ -14,7 +14,8 @@ from vitdiag import augmentations as A
 from vitdiag.cli import app
 from vitdiag.engine import run_probes
 from vitdiag.errors import VitdiagError
-from vitdiag.probes.invariance import InvarianceProbe, plot_invariance
+from vitdiag.plots import plot_invariance
+from vitdiag.probes.invariance import InvarianceProbe
 
 MEAN = (0.5, 0.4, 0.3)
 STD = (0.25, 0.2, 0.3)

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from vitdiag.check import known_metric
 from vitdiag.cli import app
-from vitdiag.commands.report import md_cell, md_table, write_folder
 from vitdiag.errors import VitdiagError
+from vitdiag.report import md_cell, md_table, write_folder
 
 runner = CliRunner()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from vitdiag.errors import VitdiagError
 from vitdiag.families import LayerTap, family_of, module_at
+from vitdiag.plots import plot_similarity
 from vitdiag.probes.base import Taps
 from vitdiag.probes.similarity import (
     DEFINITION,
@@ -22,7 +23,6 @@ from vitdiag.probes.similarity import (
     mean_signed_cosine,
     patchwise_abs_cosine,
 )
-from vitdiag.probes.similarity_plot import plot_similarity
 from vitdiag.results import Result
 
 

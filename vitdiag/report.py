@@ -1,11 +1,25 @@
-"""Rendering of results for people: rich tables on a console."""
+"""Rendering of results for people: rich tables on a console, and the `vitdiag report` folder.
+
+The folder holds ``report.json`` (all results, the schema every command writes), ``report.md``
+(GitHub-flavoured tables, notes and the figures) and the PNGs beside it (`vitdiag.plots`). It is
+written into a temporary sibling and renamed into place, so a crash never leaves half a report,
+and an existing non-empty folder is only replaced with --force. Section titles and the metrics
+of the comparison table are what each probe declares (`title`, `headlines`).
+"""
 
 from __future__ import annotations
 
 import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from vitdiag.results import Result
+from vitdiag.errors import VitdiagError
+from vitdiag.results import Result, document, jsonable
 
 
 def fmt(value: Any) -> str:
@@ -50,3 +64,285 @@ def render(results: list[Result], console, *, loaded=None, data: dict | None = N
         console.print(f"[dim]definition: {result.definition}[/dim]")
         for note in result.notes:
             console.print(f"note: {note}")
+
+
+def print_summary(con: Any, entries: list[Entry], data: dict) -> None:
+    from rich.table import Table as RichTable
+
+    for role, d in data.items():
+        synthetic = "  [yellow]SYNTHETIC DATA[/yellow]" if d.get("synthetic") else ""
+        con.print(f"[bold]{role}[/bold] {d.get('source')}  images={d.get('n_images')}{synthetic}")
+    cols, rows = comparison(entries)
+    table = RichTable(title="Headline metrics", title_justify="left")
+    for c in cols:
+        table.add_column(str(c))
+    for row in rows:
+        table.add_row(
+            *[fmt(v) if not isinstance(v, float) or math.isfinite(v) else "–" for v in row]
+        )
+    con.print(table)
+    for e in entries:
+        for probe, why in e.results.skipped.items():
+            prefix = f"{e.label}: " if len(entries) > 1 else ""
+            con.print(f"note: {prefix}{probe} not run: {why}")
+
+
+# -- a report: one entry per checkpoint ----------------------------------------------------------
+
+
+@dataclass
+class Entry:
+    """One checkpoint's part of a report."""
+
+    label: str
+    model: dict  # vitdiag.model.describe(...)
+    results: Any  # runner.Results
+
+
+def checkpoint_labels(ckpts: list[str | None], arch: str | None) -> list[str]:
+    names = [Path(c).name if c else f"{arch} (random)" for c in ckpts]
+    if len(set(names)) < len(names):
+        names = [str(c) if c else f"{arch} (random)" for c in ckpts]
+    return names
+
+
+def report_document(entries: list[Entry], data: dict, seconds: float, world: int) -> dict:
+    results = []
+    for e in entries:
+        for r in e.results:
+            r.extra["checkpoint"] = e.label
+            results.append(r)
+    single = entries[0].model if len(entries) == 1 else None
+    doc = document("report", results, single, data or None)
+    doc["checkpoints"] = [
+        {
+            "label": e.label,
+            "model": e.model,
+            "skipped": dict(e.results.skipped),
+            "passes": list(e.results.passes),
+        }
+        for e in entries
+    ]
+    if len(entries) > 1:
+        cols, rows = comparison(entries)
+        doc["comparison"] = {"columns": cols, "rows": rows}
+    doc["run"] = {"seconds": seconds, "world_size": world}
+    return jsonable(doc)
+
+
+def write_report(
+    out: Path,
+    entries: list[Entry],
+    data: dict,
+    text: str,
+    *,
+    version: str,
+    plots: bool = True,
+    force: bool = False,
+) -> None:
+    """The report folder: report.json (`text`), report.md and, with `plots`, the PNGs."""
+    from vitdiag.plots import write_plots
+
+    def fill(folder: Path) -> None:
+        figures, problems = write_plots(folder, entries) if plots else ({}, [])
+        md = render_markdown(entries, data, figures, version)
+        if problems:
+            md += "\n" + "\n".join(f"- figure not written: {md_cell(p)}" for p in problems) + "\n"
+        (folder / "report.json").write_text(text, encoding="utf-8")
+        (folder / "report.md").write_text(md, encoding="utf-8")
+
+    write_folder(out, fill, force)
+
+
+# -- the output folder ----------------------------------------------------------------------------
+
+
+def prepare_out(out: Path, force: bool) -> None:
+    """Fail before any work when --out cannot be written as asked."""
+    if out.exists() and not out.is_dir():
+        raise VitdiagError(f"--out {out} is a file; give a folder for the report.")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise VitdiagError(
+            f"--out {out} exists and is not empty; choose another folder or pass --force to "
+            "replace it."
+        )
+
+
+def write_folder(out: Path, fill, force: bool) -> None:
+    """Call ``fill(tmp_dir)`` on a temporary sibling of `out`, then rename it into place.
+
+    An existing `out` is moved aside first and deleted only after the rename, so at every moment
+    either the old or the new folder is complete.
+    """
+    out = Path(out)
+    prepare_out(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    old = None
+    try:
+        fill(tmp)
+        # mkdtemp and write_atomic's temporary files are private (0700/0600); a report is for
+        # reading, by CI artifact viewers too.
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        if out.exists():
+            if any(out.iterdir()):
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.rename(out, old)
+            else:
+                out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- markdown -------------------------------------------------------------------------------------
+
+
+def md_cell(value: Any) -> str:
+    text = fmt(value).replace("\n", " ")
+    # | ends a cell; < could open an HTML tag; * and _ could start emphasis; \ escapes.
+    for ch in ("\\", "|", "*", "_", "<"):
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
+def md_table(columns: list[Any], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(md_cell(c) for c in columns) + " |"]
+    lines.append("|" + "|".join("---" for _ in columns) + "|")
+    for row in rows:
+        cells = [md_cell(v) for v in row] + [""] * (len(columns) - len(row))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def title_of(probe: str) -> str:
+    """A probe's section heading, as the probe declares it."""
+    from vitdiag.probes.registry import probe_classes
+
+    cls = probe_classes().get(probe)
+    return cls.title if cls is not None and cls.title else probe
+
+
+def _at_native_size(result: Any, key: str) -> bool:
+    """Whether a metric keyed at a size (``shift@224/…``) is at the result's native size, where
+    a shift is 1 by definition and so no headline."""
+    native = result.extra.get("native_size") or []
+    if "@" not in key or not native:
+        return False
+    size = key.split("@", 1)[1].split("/")[0]
+    return size in (f"{native[0]}", f"{native[0]}x{native[-1]}")
+
+
+def headline_names(entries: list[Entry]) -> list[str]:
+    """The metrics of the comparison table, among those measured: the keys each probe declares
+    in `headlines`. Plain keys come first, by (`headline_rank`, place in `headlines`); keys
+    matched by a pattern follow in the order they are met."""
+    from vitdiag.probes.registry import probe_classes
+
+    classes = probe_classes()
+    fixed: dict[str, tuple[int, int]] = {}
+    found: list[str] = []
+    for e in entries:
+        for r in e.results:
+            cls = classes.get(r.probe)
+            if cls is None:
+                continue
+            for key in r.metrics:
+                name = f"{r.probe}.{key}"
+                if name in fixed or name in found:
+                    continue
+                for i, pattern in enumerate(cls.headlines):
+                    if not re.fullmatch(pattern, key):
+                        continue
+                    if re.escape(pattern) == pattern:
+                        fixed[name] = (cls.headline_rank, i)
+                    elif not _at_native_size(r, key):
+                        found.append(name)
+                    break
+    return sorted(fixed, key=fixed.__getitem__) + found
+
+
+def metric_of(entry: Entry, name: str) -> float | None:
+    probe, key = name.split(".", 1)
+    for r in entry.results:
+        if r.probe == probe and key in r.metrics:
+            return r.metrics[key]
+    return None
+
+
+def comparison(entries: list[Entry]) -> tuple[list[str], list[list[Any]]]:
+    cols = ["metric", *(e.label for e in entries)]
+    rows = [[n, *(metric_of(e, n) for e in entries)] for n in headline_names(entries)]
+    return cols, rows
+
+
+def _data_line(role: str, d: dict) -> str:
+    what = [f"{d.get('n_images')} images"]
+    if d.get("labelled"):
+        what.append(f"{d.get('n_classes')} classes")
+    else:
+        what.append("unlabelled")
+    if d.get("synthetic"):
+        what.append("**synthetic**")
+    if d.get("n_unreadable"):
+        what.append(f"{d['n_unreadable']} unreadable skipped")
+    name = "--data" if role == "data" else "--val"
+    return f"- {name}: `{d.get('path') or d.get('source')}` ({', '.join(what)})"
+
+
+def render_markdown(entries: list[Entry], data: dict, plots: dict, version: str) -> str:
+    """report.md: data, comparison (several checkpoints), then one section per checkpoint.
+
+    plots: {("shared" | label, probe): file name} of the figures written beside the file.
+    """
+    lines = ["# vitdiag report", "", f"vitdiag {version}"]
+    if data:
+        lines += ["", "Data:", ""] + [_data_line(role, d) for role, d in data.items()]
+    several = len(entries) > 1
+    cols, rows = comparison(entries)
+    if rows:
+        lines += ["", "## Comparison" if several else "## Headline metrics", ""]
+        lines += md_table(cols, rows)
+    if several:
+        for probe in ("similarity", "invariance"):
+            if ("shared", probe) in plots:
+                lines += ["", f"![{title_of(probe)}]({plots['shared', probe]})"]
+    for e in entries:
+        m = e.model
+        lines += ["", f"## {e.label}" if several else "## Model", ""]
+        size = "×".join(map(str, m.get("img_size") or []))
+        native = "×".join(map(str, m.get("native_size") or []))
+        sha = m.get("sha256")
+        lines += md_table(
+            ["", ""],
+            [
+                ["checkpoint", m.get("path") or "(random weights)"],
+                ["architecture", f"{m.get('arch')} (family {m.get('family')})"],
+                ["decided by", m.get("decided_by")],
+                ["sha256", sha[:16] + "…" if sha else None],
+                ["classes", m.get("num_classes")],
+                ["image size", f"{size} (native {native})"],
+            ],
+        )
+        for probe, why in e.results.skipped.items():
+            lines += ["", f"- not run: **{probe}** — {why}"]
+        for r in e.results:
+            where = r.extra.get("dataset")
+            on = f" — on {'--val' if where == 'val' else '--data'}" if where else ""
+            lines += ["", f"### {title_of(r.probe)}{on}", ""]
+            lines.append(f"`{r.probe}` · definition `{r.definition}`")
+            for t in r.tables:
+                lines += ["", f"**{md_cell(t.title)}**", ""] + md_table(t.columns, t.rows)
+            if (e.label, r.probe) in plots:
+                lines += ["", f"![{title_of(r.probe)}]({plots[e.label, r.probe]})"]
+            if r.notes:
+                lines.append("")
+                lines += [f"- {md_cell(n)}" for n in r.notes]
+    return "\n".join(lines) + "\n"
