@@ -33,7 +33,7 @@ VOLATILE = {("run", "seconds"), ("vitdiag_version",)}
 
 def _volatile(path: tuple) -> bool:
     names = tuple(p for p in path if isinstance(p, str))
-    return names in VOLATILE or names[-1:] == ("path",)
+    return names in VOLATILE or names[-1:] in {("path",), ("resolved_path",)}
 
 
 def _compare(got, want, path: tuple = ()) -> list[str]:
