@@ -39,17 +39,17 @@ class Result:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Turn tensors, numpy values and non-finite floats into plain JSON values."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if hasattr(value, "tolist"):  # torch.Tensor, numpy arrays and scalars
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Path):
@@ -76,7 +76,7 @@ def document(command: str, results: list[Result], model: dict | None, data: dict
     """The JSON document every command writes with --json."""
     from vitdiag import __version__
 
-    return _jsonable(
+    return jsonable(
         {
             "schema_version": SCHEMA_VERSION,
             "vitdiag_version": __version__,

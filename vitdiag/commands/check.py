@@ -81,7 +81,7 @@ def check(
     from vitdiag.commands.common import console, json_to_stdout, load_model, write_json_text
     from vitdiag.engine import is_main_process
     from vitdiag.model import describe
-    from vitdiag.results import _jsonable, document, dumps, write_atomic
+    from vitdiag.results import document, dumps, jsonable, write_atomic
     from vitdiag.runner import Settings, run_all
 
     settings = Settings(
@@ -150,6 +150,6 @@ def check(
                 }
                 for x in outcomes
             ]
-            write_json_text(dumps(_jsonable(doc)), json_out)
+            write_json_text(dumps(jsonable(doc)), json_out)
     if failed:
         raise CheckFailed(f"{len(failed)} of {len(outcomes)} checks failed")
