@@ -8,6 +8,7 @@ this table; they never test architecture names themselves.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,20 @@ class Family:
     # The class token's parameter; timm always puts it first among the prefix tokens
     # (class, then distillation/register). None: the family never has one.
     class_token: str | None = "cls_token"
+    # Do the leading rows of the position table belong to the prefix tokens? CaiT adds
+    # position to the grid only; its class token joins later.
+    pos_rows_include_prefix: bool = True
+    # Relative-position bias tables ('#' stands for a stage index). Their size follows the
+    # attention window, so they can show the size the weights were trained at.
+    rel_bias_keys: tuple[str, ...] = ()
+    # How to read that size off them: (rel_bias_keys, state dict, model built on the meta
+    # device) -> ((h, w), how it was read) or None.
+    native_from_bias: Callable[[tuple[str, ...], dict, Any], Any] | None = None
+    # Stages merge 2x2 patches (Swin), so a valid side is a multiple of patch x 2^merges.
+    patch_merging: bool = False
+    # When no registered architecture fits, may a plain timm class be read off the tensor
+    # shapes? (ViT: patch size, width, depth and MLP ratio all show in the weights.)
+    infer_from_shapes: bool = False
 
 
 def _module(model: Any, path: str) -> Any:
@@ -113,7 +128,7 @@ def pos_prefix_rows(model: Any) -> int:
     fam = family_of(model)
     if fam.pos_embed is None or fam.pos_layout == NCHW:
         return 0
-    if fam.name == "cait":  # CaiT adds position to the grid only; the class token joins later
+    if not fam.pos_rows_include_prefix:
         return 0
     if getattr(model, "no_embed_class", False):
         return 0
@@ -169,6 +184,41 @@ def _resnet_taps(model: Any) -> list[LayerTap]:
     return taps
 
 
+def _native_from_window_bias(keys: tuple[str, ...], sd: dict, meta: Any) -> Any:
+    """BEiT: the bias table spans the attention window, which is the whole grid. It has
+    (2w - 1)^2 rows for relative offsets plus 3 for the class token's."""
+    key = next((k for k in keys if k in sd), None)
+    if key is None:
+        return None
+    n = int(sd[key].shape[0]) - 3
+    w = math.isqrt(n)
+    if w * w == n and w % 2 == 1:
+        g = (w + 1) // 2
+        ps = meta.patch_embed.patch_size
+        return (g * ps[0], g * ps[1]), (
+            f"inferred from the relative position bias table ({g}x{g} window)"
+        )
+    return None
+
+
+def _native_from_clipped_windows(keys: tuple[str, ...], sd: dict, meta: Any) -> Any:
+    """Swin: timm clips a stage's window to its feature map, so a clipped window gives the
+    size away."""
+    ps = meta.patch_embed.patch_size
+    # The meta model is built at the default size, where the first stage is never clipped.
+    target = max(max(st.blocks[0].window_size) for st in meta.layers)
+    for i in range(len(meta.layers)):
+        t = sd.get(keys[0].replace("#", str(i)))
+        if t is None:
+            return None
+        w = (math.isqrt(int(t.shape[0])) + 1) // 2
+        if w < target:
+            scale = 2**i
+            hw = (w * ps[0] * scale, w * ps[1] * scale)
+            return hw, f"inferred from the clipped {w}x{w} attention window of stage {i + 1}"
+    return None
+
+
 _NO_TABLE_REL = (
     "it has no absolute position table (position enters through relative biases in attention)"
 )
@@ -184,6 +234,7 @@ FAMILIES: tuple[Family, ...] = (
         _vit_taps,
         pos_embed="pos_embed",
         timm_resamples_pos_embed=True,
+        infer_from_shapes=True,
         key_signature=(
             "patch_embed.proj.weight",
             "blocks.#.attn.qkv.weight",
@@ -212,6 +263,7 @@ FAMILIES: tuple[Family, ...] = (
         ("cait_",),
         _cait_taps,
         pos_embed="pos_embed",
+        pos_rows_include_prefix=False,
         key_signature=(
             "patch_embed.proj.weight",
             "blocks.#.attn.qkv.weight",
@@ -236,6 +288,11 @@ FAMILIES: tuple[Family, ...] = (
         ("beit_", "beitv2_"),
         _vit_taps,
         why_no_abs_pos=_NO_TABLE_REL,
+        rel_bias_keys=(
+            "blocks.0.attn.relative_position_bias_table",
+            "rel_pos_bias.relative_position_bias_table",
+        ),
+        native_from_bias=_native_from_window_bias,
         key_signature=(
             "patch_embed.proj.weight",
             "blocks.#.norm1.weight",
@@ -252,6 +309,9 @@ FAMILIES: tuple[Family, ...] = (
         _swin_taps,
         why_no_abs_pos=_NO_TABLE_REL,
         class_token=None,
+        rel_bias_keys=("layers.#.blocks.0.attn.relative_position_bias_table",),
+        native_from_bias=_native_from_clipped_windows,
+        patch_merging=True,
         key_signature=(
             "patch_embed.proj.weight",
             "layers.#.blocks.#.attn.relative_position_bias_table",
