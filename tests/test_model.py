@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from vitdiag.errors import VitdiagError
-from vitdiag.model import _SkipParamInit, at_size, describe, load, sha256_file, valid_sizes_near
+from vitdiag.loading.timm_internals import SkipParamInit
+from vitdiag.model import at_size, describe, load, sha256_file, valid_sizes_near
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def random_model(arch: str, size: int, seed: int = 0, **kwargs) -> torch.nn.Modu
     """A timm model with seeded random weights, without timm's slow truncated-normal init."""
     if _fixed(arch):
         kwargs.setdefault("img_size", size)
-    with _SkipParamInit():
+    with SkipParamInit():
         model = timm.create_model(arch, pretrained=False, **kwargs)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -327,7 +328,7 @@ def test_at_size_resamples_the_grid_as_timm_does_and_keeps_prefix_rows(
     )
     assert torch.equal(pos, want)
     # timm's own loader, at the new size, from the same file, agrees on every weight.
-    with _SkipParamInit():  # every parameter comes from the file
+    with SkipParamInit():  # every parameter comes from the file
         ref = timm.create_model(
             arch,
             pretrained=True,
@@ -412,6 +413,17 @@ def test_invalid_size_names_the_nearest_valid_sizes(vit_file):
     assert "96" in str(e.value) and "112" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(VitdiagError, match="96, 112"):
         load(path, img_size=100)
+
+
+def test_swin_sizes_step_by_patch_times_its_patch_merges():
+    # Patch 4 and three merging stages: a side must divide by 4 * 2**3 = 32, which the family
+    # table says (patch_merging), not a test of the architecture's name.
+    loaded = load(None, arch="swin_tiny_patch4_window7_224", model_args={"depths": (1, 1, 1, 1)})
+    assert valid_sizes_near(loaded, 100) == [96, 128]
+    assert valid_sizes_near(loaded, 224) == [224]
+    with pytest.raises(VitdiagError, match="96, 128"):
+        at_size(loaded, 100)
+    assert loaded.family.patch_merging
 
 
 # --------------------------------------------------------------------------- bad input

@@ -105,19 +105,9 @@ def read_train_args(path: Any) -> dict[str, Any]:
     mean, std); missing keys are left out."""
     from pathlib import Path
 
-    import yaml
+    from vitdiag.loading.checkpoint import read_args_yaml
 
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise VitdiagError(f"--train-args {path} is not a file; give the args.yaml timm wrote.")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise VitdiagError(
-            f"--train-args {path} is not valid YAML ({e.__class__.__name__})."
-        ) from None
-    if not isinstance(data, dict):
-        raise VitdiagError(f"--train-args {path} does not hold a mapping of training arguments.")
+    data = read_args_yaml(Path(path).expanduser(), option=f"--train-args {path}")
     return {k: data[k] for k in ("mixup", "cutmix", "reprob", "remode", "mean", "std") if k in data}
 
 
