@@ -112,7 +112,7 @@ def _resample_pos(v: torch.Tensor, model: torch.nn.Module, arch: str, old_size) 
     target = getattr(model, fam.pos_embed)
     if fam.pos_layout == NCHW:
         # PiT keeps its table channels-first (1, D, H, W) and timm does not resample it on
-        # load: resample it with timm's defaults, as timm's NLC resampler would.
+        # load: go through timm's NLC resampler (bicubic, antialiased) for the same arithmetic.
         if tuple(v.shape) == tuple(target.shape):
             return v
         old, new = tuple(v.shape[-2:]), tuple(target.shape[-2:])
