@@ -13,11 +13,12 @@ the same way" (signed ≈ P, effective rank → 1) from "tokens lie on a few opp
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from vitdiag.errors import VitdiagError
-from vitdiag.probes.base import LAYERS, Probe, Taps
+from vitdiag.probes.base import LAYERS, TRAIN, Probe, Taps
 from vitdiag.results import Result, Table
 
 DEFINITION = "gong2021-abs-cos-v1"
@@ -193,7 +194,27 @@ class SimilarityProbe(Probe):
     """
 
     name = "similarity"
+    title = "Patch-wise cosine similarity (over-smoothing)"
+    order = 6
+    split = TRAIN
     needs = frozenset({LAYERS})
+    headlines = ("last_block", "max")
+    headline_rank = 5
+    check_metrics = ("last_block", "final_norm", "max", "<layer>.mean", "<layer>.std")
+
+    @classmethod
+    def applies(cls, loaded: Any) -> str | None:
+        from vitdiag.families import family_of
+
+        try:
+            family_of(loaded.model).layer_taps(loaded.model)
+        except VitdiagError as e:
+            return str(e)
+        return None
+
+    @classmethod
+    def build(cls, loaded: Any, settings: Any, transform: Any) -> SimilarityProbe:
+        return cls(settings.layers)
 
     def __init__(self, layers: list[str] | None = None) -> None:
         super().__init__()
