@@ -57,7 +57,7 @@ def main() -> None:
     from vitdiag import load
     from vitdiag.data import eval_transform
     from vitdiag.engine import resolve_amp, run_probes
-    from vitdiag.probes.collapse import classifier_result
+    from vitdiag.probes.classifier import classifier_result
     from vitdiag.runner import Settings, _build
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Neural collapse (Papyan, Han & Donoho, PNAS 2020) and classifier geometry, streamed in float64.
+"""Neural collapse (Papyan, Han & Donoho, PNAS 2020), streamed into float64 sums.
 
 The math is pure (functions of tensors, no I/O); `CollapseProbe` only feeds it running sums.
 Conventions of this definition (`papyan2020-v1`), recorded in every Result:
@@ -26,21 +26,27 @@ import torch
 from torch import nn
 
 from vitdiag.errors import VitdiagError
-from vitdiag.probes.base import (
-    FEATURES,
-    LABELS,
-    LOGITS,
-    NO_DATA,
-    PRELOGITS,
-    TRAIN,
-    Probe,
-    Taps,
+from vitdiag.probes.base import FEATURES, LABELS, LOGITS, PRELOGITS, TRAIN, Probe, Taps
+from vitdiag.probes.classifier import (
+    STD_DDOF,
+    Head,
+    all_zero,
+    angle_stats,
+    classifier_heads,
+    etf_distance,
+    f64,
+    heads_missing,
+    ratio,
+    sample_std,
 )
+
+# Imported from here by modules written before the classifier geometry moved out (mixup
+# geometry, tests); new code imports vitdiag.probes.classifier.
+from vitdiag.probes.classifier import classifier_result as classifier_result
+from vitdiag.probes.classifier import classifier_stats as classifier_stats
 from vitdiag.results import Result, Table
 
 DEFINITION = "papyan2020-v1"
-CLASSIFIER_DEFINITION = "classifier-geometry-v1"
-STD_DDOF = 1
 DEFAULT_BUDGET = 10_000
 WILSON_Z = 1.959963984540054  # two-sided 95%
 
@@ -68,89 +74,7 @@ _NC123 = (
 )
 
 
-# -- classifier heads ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Head:
-    """One linear classifier: logits = h Wᵀ + b, with h read from `token_index` of the
-    forward_features tokens, or (None) from the model's pre-logits."""
-
-    name: str
-    weight: torch.Tensor  # (C, D) float64, CPU
-    bias: torch.Tensor | None  # (C,) float64, CPU
-    token_index: int | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.weight.shape[0])
-
-    @property
-    def dim(self) -> int:
-        return int(self.weight.shape[1])
-
-
-def _linear_params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    fc = module
-    if not isinstance(fc, (nn.Linear, nn.Conv2d)) and isinstance(
-        getattr(fc, "fc", None), nn.Module
-    ):
-        fc = fc.fc  # timm ClassifierHead / NormMlpClassifierHead keep their Linear as .fc
-    if isinstance(fc, nn.Identity):
-        raise VitdiagError(
-            "the model has no classifier (num_classes=0); neural collapse needs the classifier "
-            "weights: load the checkpoint with its head."
-        )
-    if isinstance(fc, nn.Linear):
-        weight = fc.weight
-    elif isinstance(fc, nn.Conv2d) and fc.kernel_size == (1, 1) and fc.groups == 1:
-        weight = fc.weight.flatten(1)
-    else:
-        raise VitdiagError(
-            f"the model's classifier is a {type(fc).__name__}, not a linear layer; "
-            "neural collapse is defined for a linear classifier only."
-        )
-    bias = None if fc.bias is None else fc.bias.detach().to("cpu", torch.float64)
-    return weight.detach().to("cpu", torch.float64), bias
-
-
-def classifier_heads(model: nn.Module) -> list[Head]:
-    """The model's linear classifier(s), from timm's `get_classifier()`.
-
-    A tuple means several heads (distilled DeiT / PiT / LeViT). On a token-pooled model
-    (`global_pool == "token"`) head i reads token i of forward_features (class, distillation);
-    otherwise every head reads the shared pre-logits (LeViT averages its tokens first).
-    """
-    clf = model.get_classifier()
-    modules = list(clf) if isinstance(clf, (tuple, list)) else [clf]
-    by_token = len(modules) > 1 and getattr(model, "global_pool", None) == "token"
-    heads = []
-    for i, module in enumerate(modules):
-        weight, bias = _linear_params(module)
-        name = "head" if i == 0 else ("dist" if i == 1 else f"head{i}")
-        heads.append(Head(name, weight, bias, i if by_token else None))
-    return heads
-
-
 # -- pure math -------------------------------------------------------------------------------
-
-
-def _f64(x: Any) -> torch.Tensor:
-    return torch.as_tensor(x).detach().to("cpu", torch.float64)
-
-
-def _std(x: torch.Tensor) -> float:
-    return float(x.std(correction=STD_DDOF)) if x.numel() > STD_DDOF else float("nan")
-
-
-def _ratio(num: float, den: float) -> float:
-    """num/den, NaN when den is 0 (a zero classifier, coinciding class means)."""
-    return num / den if den != 0 else float("nan")
-
-
-def all_zero(W: torch.Tensor) -> bool:
-    """True when every classifier weight is 0: its norms, angles and ETF distance are undefined."""
-    return not bool(_f64(W).any())
 
 
 def means_coincide(mu: torch.Tensor, count: torch.Tensor) -> bool:
@@ -161,58 +85,12 @@ def means_coincide(mu: torch.Tensor, count: torch.Tensor) -> bool:
     which Σ_B⁺ would invert into a huge, meaningless NC1. The tolerance is that rounding:
     n_max · eps per entry, relative to the largest entry.
     """
-    mu = _f64(mu)
+    mu = f64(mu)
     if mu.shape[0] < 2:
         return False
     eps = float(torch.finfo(torch.float64).eps)
-    tol = 4 * max(float(_f64(count).max()), 1.0) * eps * float(mu.abs().max())
+    tol = 4 * max(float(f64(count).max()), 1.0) * eps * float(mu.abs().max())
     return float((mu - mu.mean(0)).abs().max()) <= tol
-
-
-def pair_cosines(rows: torch.Tensor) -> torch.Tensor:
-    """Cosines between distinct rows, once per unordered pair (upper triangle)."""
-    rows = _f64(rows)
-    unit = rows / rows.norm(dim=1, keepdim=True)
-    i, j = torch.triu_indices(rows.shape[0], rows.shape[0], offset=1)
-    return (unit @ unit.T)[i, j]
-
-
-def etf_distance(gram: torch.Tensor) -> float:
-    """‖G/‖G‖_F − (I − 11ᵀ/C)/√(C−1)‖_F: 0 exactly for the Gram matrix of a simplex ETF."""
-    gram = _f64(gram)
-    c = gram.shape[0]
-    if c < 2 or not bool(gram.any()):
-        return float("nan")
-    target = (torch.eye(c, dtype=torch.float64) - 1.0 / c) / math.sqrt(c - 1)
-    return float((gram / gram.norm() - target).norm())
-
-
-def _angle_stats(rows: torch.Tensor) -> tuple[float, float, float]:
-    """(Std cos, Avg |cos + 1/(C−1)|, mean cos) over distinct pairs of rows."""
-    c = rows.shape[0]
-    if c < 2:
-        return float("nan"), float("nan"), float("nan")
-    cos = pair_cosines(rows)
-    return _std(cos), float((cos + 1.0 / (c - 1)).abs().mean()), float(cos.mean())
-
-
-def classifier_stats(W: torch.Tensor, b: torch.Tensor | None = None) -> dict[str, float]:
-    """The classifier-only quantities Fisher et al. track: how close W is to a simplex ETF."""
-    W = _f64(W)
-    norms = W.norm(dim=1)
-    cos_std, maxangle, cos_mean = _angle_stats(W)
-    out = {
-        "norm_cov": _ratio(_std(norms), float(norms.mean())),
-        "cos_std": cos_std,
-        "cos_mean": cos_mean,
-        "maxangle": maxangle,
-        "etf": etf_distance(W @ W.T),
-    }
-    if b is not None:
-        b = _f64(b)
-        out["bias_mean"] = float(b.mean())
-        out["bias_std"] = _std(b)
-    return out
 
 
 def _class_sums(h: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -224,7 +102,7 @@ def _class_sums(h: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Ten
 
 def shifted_moments(h: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ(h−s), Σ(h−s)(h−s)ᵀ) for a batch: the shift keeps ‖μ_G‖² out of the second moment."""
-    x = _f64(h) - _f64(shift)
+    x = f64(h) - f64(shift)
     return x.sum(dim=0), x.T @ x
 
 
@@ -238,7 +116,7 @@ def pool_moments(
     are small because every shift is a batch mean; adding raw moments instead would bring the
     ‖μ_G‖² cancellation back.
     """
-    n, shift, lin, scatter = _f64(n), _f64(shift), _f64(lin), _f64(scatter)
+    n, shift, lin, scatter = f64(n), f64(shift), f64(lin), f64(scatter)
     total = float(n.sum())
     if total == 0:
         d = shift.shape[-1]
@@ -268,18 +146,18 @@ class ClassSums:
         cls, count: torch.Tensor, total: torch.Tensor, t: torch.Tensor, scatter_t: torch.Tensor
     ) -> ClassSums:
         """Σ_W = (1/N)[Σ_i (h_i−t)(h_i−t)ᵀ − Σ_c n_c (μ_c−t)(μ_c−t)ᵀ], one pass."""
-        count, total = _f64(count), _f64(total)
+        count, total = f64(count), f64(total)
         n = float(count.sum())
         present = count > 0
         mu = total[present] / count[present, None]
-        d = mu - _f64(t)
-        sw = (_f64(scatter_t) - (count[present, None] * d).T @ d) / max(n, 1.0)
+        d = mu - f64(t)
+        sw = (f64(scatter_t) - (count[present, None] * d).T @ d) / max(n, 1.0)
         return cls(count, total, (sw + sw.T) / 2)
 
     @classmethod
     def from_features(cls, h: torch.Tensor, y: torch.Tensor, num_classes: int) -> ClassSums:
         """The same one-pass sums for features held in memory (tests, library use)."""
-        h, y = _f64(h), torch.as_tensor(y).to("cpu", torch.int64)
+        h, y = f64(h), torch.as_tensor(y).to("cpu", torch.int64)
         count = torch.bincount(y, minlength=num_classes).to(torch.float64)
         total = _class_sums(h, y, num_classes)
         shift = h.mean(0) if len(h) else torch.zeros(h.shape[1], dtype=torch.float64)
@@ -310,7 +188,7 @@ def wilson_interval(k: float, n: float, z: float = WILSON_Z) -> tuple[float, flo
 
 def nearest_class_mean(h: torch.Tensor, means: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Class id of the nearest mean (Euclidean) for each row of h."""
-    h, means = _f64(h), _f64(means)
+    h, means = f64(h), f64(means)
     centre = means.mean(0)  # centring shrinks the ‖h‖² that the expansion below cancels
     x, m = h - centre, means - centre
     d2 = (x * x).sum(1, keepdim=True) - 2 * x @ m.T + (m * m).sum(1)[None, :]
@@ -326,7 +204,7 @@ def nc4_stats(
 ) -> dict[str, float]:
     """NC4: share of samples whose nearest class mean disagrees with the classifier, with
     bias (the network's prediction) and without (argmax W h)."""
-    h, W = _f64(sample.h), _f64(W)
+    h, W = f64(sample.h), f64(W)
     m = h.shape[0]
     out: dict[str, float] = {
         "nc4_sample_size": float(m),
@@ -339,7 +217,7 @@ def nc4_stats(
     if sample.pred is not None:
         pred = torch.as_tensor(sample.pred).to("cpu", torch.int64)
     else:
-        pred = (scores + (0 if b is None else _f64(b))).argmax(dim=1)
+        pred = (scores + (0 if b is None else f64(b))).argmax(dim=1)
     for key, p in (("nc4", pred), ("nc4_nobias", scores.argmax(dim=1))):
         k = float((ncc != p).sum())
         out[key] = k / m
@@ -368,7 +246,7 @@ def nc_stats(
     """
     if global_mean not in ("classes", "samples"):
         raise ValueError(f"global_mean must be 'classes' or 'samples', not {global_mean!r}")
-    count, total, sigma_w, W = _f64(sums.count), _f64(sums.total), _f64(sums.sigma_w), _f64(W)
+    count, total, sigma_w, W = f64(sums.count), f64(sums.total), f64(sums.sigma_w), f64(W)
     present = count > 0
     classes = present.nonzero().flatten()
     c, d = int(present.sum()), W.shape[1]
@@ -401,14 +279,14 @@ def nc_stats(
         trace = float("nan")
     out["nc1"] = trace / c
     out["nc1_trace"] = trace
-    out["nc1_trace_ratio"] = _ratio(float(sigma_w.trace()), float(sigma_b.trace()))
+    out["nc1_trace_ratio"] = ratio(float(sigma_w.trace()), float(sigma_b.trace()))
 
     mean_norms, w_norms = M.norm(dim=0), Wp.norm(dim=1)
-    out["nc2_equinorm_means"] = _ratio(_std(mean_norms), float(mean_norms.mean()))
-    out["nc2_equinorm_weights"] = _ratio(_std(w_norms), float(w_norms.mean()))
+    out["nc2_equinorm_means"] = ratio(sample_std(mean_norms), float(mean_norms.mean()))
+    out["nc2_equinorm_weights"] = ratio(sample_std(w_norms), float(w_norms.mean()))
     for tag, rows in (("means", M.T), ("weights", Wp)):
         # 0/0 cosines of zero rows come out NaN, which is what they are
-        std, maxangle, mean = _angle_stats(rows)
+        std, maxangle, mean = angle_stats(rows)
         out[f"nc2_equiangular_{tag}"] = std
         out[f"nc2_maxangle_{tag}"] = maxangle
         out[f"nc2_mean_cos_{tag}"] = mean
@@ -425,13 +303,13 @@ def nc_stats(
 
 
 def imbalanced(count: torch.Tensor) -> bool:
-    present = _f64(count)[_f64(count) > 0]
+    present = f64(count)[f64(count) > 0]
     return bool(present.numel() > 1 and (present != present[0]).any())
 
 
 def collapse_notes(count: torch.Tensor, dim: int, label: str = "") -> list[str]:
     """What a reader must know next to the numbers: missing classes, no ETF, imbalance."""
-    count = _f64(count)
+    count = f64(count)
     who = f"{label}: " if label else ""
     notes = []
     missing = (count == 0).nonzero().flatten().tolist()
@@ -462,7 +340,7 @@ def collapse_notes(count: torch.Tensor, dim: int, label: str = "") -> list[str]:
 def degenerate_notes(sums: ClassSums, W: torch.Tensor, label: str = "") -> list[str]:
     """Why metrics came out NaN when the geometry has nothing to measure."""
     who = f"{label}: " if label else ""
-    count, total = _f64(sums.count), _f64(sums.total)
+    count, total = f64(sums.count), f64(sums.total)
     present = count > 0
     notes = []
     if int(present.sum()) >= 2 and means_coincide(
@@ -473,7 +351,7 @@ def degenerate_notes(sums: ClassSums, W: torch.Tensor, label: str = "") -> list[
             "metrics built on it (nc1*, nc2_*_means, nc3, nc3_etf) are undefined (NaN); "
             "a dead model or constant images give this."
         )
-    if bool(present.any()) and all_zero(_f64(W)[present]):
+    if bool(present.any()) and all_zero(f64(W)[present]):
         notes.append(
             f"{who}the classifier weights (rows of the classes present) are all zero, so the "
             "metrics built on W (nc2_*_weights, nc3, nc3_etf) are undefined (NaN)."
@@ -802,78 +680,3 @@ _DESCRIPTIONS = {
 def _nc_table(head: Head, m: dict[str, float]) -> Table:
     rows = [[key, m[key], desc] for key, desc in _DESCRIPTIONS.items() if key in m]
     return Table(f"Neural collapse — {head.name}", ["metric", "value", "definition"], rows)
-
-
-def heads_missing(model: nn.Module) -> str | None:
-    """None when the model has a linear classifier head to measure, else why not."""
-    try:
-        classifier_heads(model)
-    except VitdiagError as e:
-        return str(e)
-    return None
-
-
-class ClassifierProbe(Probe):
-    """The classifier's geometry from its weights alone: a probe that reads no data."""
-
-    name = "classifier"
-    title = "Classifier geometry (no data)"
-    order = 0
-    split = NO_DATA
-    headlines = ("w_etf",)
-    headline_rank = 2
-    check_metrics = (
-        "<head>.w_norm_cov",
-        "<head>.w_cos_std",
-        "<head>.w_cos_mean",
-        "<head>.w_maxangle",
-        "<head>.w_etf",
-        "<head>.w_bias_mean",
-        "<head>.w_bias_std",
-    )
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    @classmethod
-    def applies(cls, loaded: Any) -> str | None:
-        return heads_missing(loaded.model)
-
-    @classmethod
-    def build(cls, loaded: Any, settings: Any, transform: Any) -> ClassifierProbe:
-        return cls(loaded.model)
-
-    def compute(self) -> Result:
-        return classifier_result(self.model)
-
-
-def classifier_result(model: nn.Module) -> Result:
-    """The classifier-only statistics (no data): CoV of ‖w_c‖, cosines, ETF distance of WWᵀ."""
-    metrics: dict[str, float] = {}
-    tables = []
-    notes = []
-    heads = classifier_heads(model)
-    for k, head in enumerate(heads):
-        prefix = "" if k == 0 else f"{head.name}."
-        stats = classifier_stats(head.weight, head.bias)
-        metrics.update({f"{prefix}w_{key}": v for key, v in stats.items()})
-        tables.append(
-            Table(
-                f"Classifier — {head.name}",
-                ["metric", "value"],
-                [[f"w_{k_}", v] for k_, v in stats.items()],
-            )
-        )
-        if all_zero(head.weight):
-            notes.append(
-                f"{head.name}: the classifier weights are all zero, so their norms, angles and "
-                "ETF distance are undefined (NaN)."
-            )
-        if head.dim < head.num_classes - 1:
-            notes.append(
-                f"{head.name}: D={head.dim} < C−1={head.num_classes - 1}: an exact simplex ETF "
-                "does not exist, so the ETF distance cannot reach 0."
-            )
-    extra = {"heads": [{"name": h.name, "num_classes": h.num_classes, "dim": h.dim} for h in heads]}
-    return Result("classifier", CLASSIFIER_DEFINITION, metrics, tables, notes, extra)
