@@ -1,7 +1,7 @@
 """Checkpoints from transformers, open_clip and original DINOv2 give the same outputs in timm.
 
 Each test builds a tiny random model with the source library, saves it the way that library does,
-converts the saved files with vitdiag.convert and compares the forward passes in eval mode.
+converts the saved files with vitdiag.loading.convert and compares the forward passes in eval mode.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import re
 import pytest
 import torch
 
-from vitdiag.convert import Converted, convert, detect
 from vitdiag.errors import VitdiagError
+from vitdiag.loading.convert import Converted, convert, detect
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -386,7 +386,7 @@ def test_convert_module_does_not_import_source_libraries():
     import sys
 
     code = (
-        "import sys, vitdiag.convert; "
+        "import sys, vitdiag.loading.convert; "
         "bad = [m for m in ('transformers', 'open_clip') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
