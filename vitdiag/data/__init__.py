@@ -1,0 +1,55 @@
+"""Dataset sources, the model's evaluation transform at a size, and loaders.
+
+Sources (``open_dataset``):
+
+- an ImageFolder directory: two or more class sub-folders; labels are the sorted folder names
+  (plain ``sorted``, as torchvision does);
+- a flat folder of images (or a folder with a single sub-folder): unlabelled, targets -1;
+- a ``.tar`` of images: labelled by the member's parent folder when there are two or more distinct
+  parents, else unlabelled;
+- timm ``create_dataset`` sources with random access: ``torch/NAME:ROOT`` (torchvision datasets,
+  never downloaded) and ``hfds/NAME[:CACHE_DIR]`` (needs the ``datasets`` package);
+- ``synthetic`` / ``synthetic:N``: i.i.d. N(0, 1) images in the *normalised* space, seeded per
+  index, so a run is reproducible whatever the batch size, worker count or sharding.
+
+Policies worth knowing:
+
+- Alpha is dropped, not composited (RGBA / LA / PA / palette with transparency keep the colour
+  stored under each pixel). This is what timm's ``ImageDataset`` and torchvision's ``pil_loader``
+  do (``convert("RGB")``), so vitdiag sees the same pixels as ``timm validate.py``. 16-bit
+  grayscale is scaled to 8 bits (PIL alone would clip everything above 255 to white).
+- Unreadable files are skipped and counted per ``Batch``; a batch whose every item failed is not
+  yielded, its count is carried into a neighbouring batch, so the counts still sum exactly. With
+  ``strict=True`` the first unreadable file (in loader order) raises ``UnreadableImageError``
+  naming it. A loader that reaches its end having yielded nothing because every image failed
+  raises ``VitdiagError``: checking up front would mean decoding the whole dataset twice.
+- Synthetic images need a size: ``eval_transform`` returns an ``EvalTransform`` that carries its
+  output ``size``, and ``make_loader`` takes the size from it (falling back to ``source.size``
+  when a plain callable is passed). The transform itself is skipped for synthetic sources.
+"""
+
+from vitdiag.data.loader import Batch, Loader, make_loader, select_indices
+from vitdiag.data.sources import (
+    IMAGE_EXTENSIONS,
+    ImageSource,
+    UnreadableImageError,
+    _decode,
+    open_dataset,
+    to_rgb,
+)
+from vitdiag.data.transforms import EvalTransform, eval_transform
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Batch",
+    "EvalTransform",
+    "ImageSource",
+    "Loader",
+    "UnreadableImageError",
+    "_decode",
+    "eval_transform",
+    "make_loader",
+    "open_dataset",
+    "select_indices",
+    "to_rgb",
+]
