@@ -124,6 +124,7 @@ COMMANDS = [
     ("collapse", "collapse", "collapse"),
     ("report", "report", "report"),
     ("check", "check", "check"),
+    ("trend", "trend", "trend"),
 ]
 
 

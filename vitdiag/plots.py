@@ -278,3 +278,177 @@ def write_plots(folder: Path, entries: list[Any]) -> tuple[dict, list[str]]:
                     name = f"{stem}-{slug}.png" if several else f"{stem}.png"
                     attempt((e.label, probe), name, lambda p, res=r, fn=plot: fn(res, p))
     return plots, problems
+
+
+# -- trend: diagnostics against epoch, one line per run ----------------------------------------
+
+# (metric, axis title): the panels `vitdiag trend` draws when the metric was measured.
+TREND_OVERVIEW = (
+    ("collapse.nc1", "NC1 (within-class variability)"),
+    ("classifier.w_etf", "classifier ETF distance"),
+    ("similarity.last_block", "P(h), last block"),
+    ("calibration.ece", "ECE"),
+)
+TREND_COLLAPSE = (
+    ("collapse.nc1", "NC1"),
+    ("collapse.nc2_etf_means", "NC2 (ETF distance of class means)"),
+    ("collapse.nc3", "NC3 (self-duality)"),
+    ("collapse.nc4", "NC4 (≠ nearest class centre)"),
+)
+TREND_SINGLE = (
+    ("eval.top1", "top-1"),
+    ("eval.nll", "NLL"),
+    ("calibration.ece", "ECE"),
+    ("classifier.w_etf", "classifier ETF distance"),
+    ("similarity.last_block", "P(h), last block"),
+)
+_LAYER_MEAN = re.compile(r"similarity\.(.+)\.mean")
+_SHIFT = re.compile(r"variance\.shift@([^/_]+)")
+
+# A run as the trend plots read it: (name, x of each row, {"probe.metric": value} of each row).
+TrendSeries = tuple[str, Sequence[float], Sequence[dict]]
+
+
+def _points(xs: Sequence[float], rows: Sequence[dict], key: str) -> tuple[list, list]:
+    pairs = [(x, _nan_if_none(r.get(key))) for x, r in zip(xs, rows, strict=True)]
+    pairs = [(x, y) for x, y in pairs if math.isfinite(y)]
+    return [x for x, _ in pairs], [y for _, y in pairs]
+
+
+def _measured(runs: Sequence[TrendSeries], key: str) -> bool:
+    return any(_points(xs, rows, key)[0] for _, xs, rows in runs)
+
+
+def plot_trend_panels(
+    runs: Sequence[TrendSeries], panels: Sequence[tuple[str, str]], path: str | Path, xlabel: str
+) -> Path:
+    """One panel per measured metric against the x axis, one line per run (shared colours)."""
+    from matplotlib.ticker import MaxNLocator
+
+    shown = [(k, t) for k, t in panels if _measured(runs, k)]
+    if not shown:
+        raise VitdiagError(f"nothing to plot: none of {', '.join(k for k, _ in panels)} measured.")
+    cols = min(2, len(shown))
+    nrows = math.ceil(len(shown) / cols)
+    fig = new_figure(4.6 * cols, 3.2 * nrows)
+    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    for ax, (key, title) in zip(axes, shown, strict=False):
+        for k, (name, xs, rows) in enumerate(runs):
+            x, y = _points(xs, rows, key)
+            ax.plot(x, y, marker="o", markersize=3, color=f"C{k}", label=name or None)
+        ax.set_title(f"{title}  ({key})", fontsize=9)
+        ax.set_xlabel(xlabel)
+        if all(float(x).is_integer() for _, xs, _ in runs for x in xs):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+    for ax in axes[len(shown) :]:
+        ax.set_axis_off()
+    if len(runs) > 1:
+        axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def trend_layers(rows: Sequence[dict]) -> list[str]:
+    """The similarity layers measured, in the order the rows name them."""
+    found: dict[str, None] = {}
+    for r in rows:
+        for key in r:
+            m = _LAYER_MEAN.fullmatch(key)
+            if m:
+                found.setdefault(m.group(1))
+    return list(found)
+
+
+def plot_trend_heatmap(run: TrendSeries, path: str | Path, xlabel: str) -> Path:
+    """P(h) by x (rows) and layer (columns) for one run."""
+    name, xs, rows = run
+    layers = trend_layers(rows)
+    if not layers:
+        raise VitdiagError(f"{name}: no per-layer P(h) (similarity.<layer>.mean) measured.")
+    grid = [[_nan_if_none(r.get(f"similarity.{layer}.mean")) for layer in layers] for r in rows]
+    fig = new_figure(max(4.5, 0.5 * len(layers) + 2.5), max(3.0, 0.28 * len(rows) + 1.8))
+    ax = fig.add_subplot(1, 1, 1)
+    # The data's own range: over training P(h) moves by hundredths, invisible on [0, 1].
+    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels(layers, rotation=45, ha="right", fontsize=8)
+    step = max(1, len(xs) // 12)
+    ax.set_yticks(range(0, len(xs), step))
+    ax.set_yticklabels([f"{x:g}" for x in xs][::step], fontsize=8)
+    ax.set_ylabel(xlabel)
+    ax.set_title(f"P(h) by layer{f' — {name}' if name else ''}", fontsize=10)
+    fig.colorbar(image, ax=ax, label="patch-wise |cos| P(h)")
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def plot_trend_shift(runs: Sequence[TrendSeries], path: str | Path, xlabel: str) -> Path:
+    """The variance shift r(s)/r0 at each measured size against x, a line per run and size.
+    The native size (shift 1 by definition, at every point) is left out."""
+    fig = new_figure(6.4, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    drawn = 0
+    for k, (name, xs, rows) in enumerate(runs):
+        keys = dict.fromkeys(key for r in rows for key in r if _SHIFT.fullmatch(key))
+        for j, key in enumerate(keys):
+            x, y = _points(xs, rows, key)
+            if not y or all(v == 1.0 for v in y):
+                continue
+            size = _SHIFT.fullmatch(key).group(1)
+            label = f"{name} @{size}" if name else f"@{size}"
+            ax.plot(x, y, marker="o", markersize=3, color=f"C{k}", label=label,
+                    linestyle=("-", "--", ":", "-.")[j % 4])  # fmt: skip
+            drawn += 1
+    if not drawn:
+        raise VitdiagError("nothing to plot: no variance shift at a size other than the native.")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("shift r(s) / r0")
+    ax.set_title("Patch / position variance shift at other test sizes", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def write_trend_plots(
+    folder: Path, runs: Sequence[TrendSeries], xlabel: str
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """The PNGs beside trend.md: [(title, file name)] in reading order, and the problems.
+
+    A figure is drawn only when one of its metrics was measured (--probes may leave them out);
+    a missing matplotlib costs the figures, not the trend."""
+    figures: list[tuple[str, str]] = []
+    problems: list[str] = []
+
+    def attempt(title: str, name: str, keys: Sequence[str], make) -> None:
+        if not any(_measured(runs, k) for k in keys):
+            return
+        try:
+            make(folder / name)
+            figures.append((title, name))
+        except VitdiagError as e:
+            problems.append(f"{name}: {e}")
+
+    def panels(which: Sequence[tuple[str, str]]):
+        return lambda p: plot_trend_panels(runs, which, p, xlabel)
+
+    attempt("Overview", "overview.png", [k for k, _ in TREND_OVERVIEW], panels(TREND_OVERVIEW))
+    for key, title in TREND_SINGLE:
+        attempt(title, f"{key}.png", [key], panels([(key, title)]))
+    attempt(
+        "Neural collapse", "collapse.png", [k for k, _ in TREND_COLLAPSE], panels(TREND_COLLAPSE)
+    )
+    shifts = {k for _, _, rows in runs for r in rows for k in r if _SHIFT.fullmatch(k)}
+    if any(v != 1.0 for _, xs, rows in runs for k in shifts for v in _points(xs, rows, k)[1]):
+        attempt("Variance shift", "variance_shift.png", sorted(shifts),
+                lambda p: plot_trend_shift(runs, p, xlabel))  # fmt: skip
+    taken: set[str] = set()
+    for run in runs:
+        several = len(runs) > 1
+        stem = "similarity_heatmap" + (f"-{_slug(run[0], taken)}" if several else "")
+        keys = [f"similarity.{layer}.mean" for layer in trend_layers(run[2])]
+        title = f"P(h) by layer{f' — {run[0]}' if several else ''}"
+        attempt(title, f"{stem}.png", keys, lambda p, r=run: plot_trend_heatmap(r, p, xlabel))
+    return figures, problems

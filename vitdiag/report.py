@@ -346,3 +346,85 @@ def render_markdown(entries: list[Entry], data: dict, plots: dict, version: str)
                 lines.append("")
                 lines += [f"- {md_cell(n)}" for n in r.notes]
     return "\n".join(lines) + "\n"
+
+
+# -- a trend: diagnostics over training ----------------------------------------------------------
+
+# The columns of a run's table in trend.md, when measured.
+TREND_COLUMNS = (
+    "eval.top1",
+    "eval.nll",
+    "calibration.ece",
+    "collapse.nc1",
+    "collapse.nc2_etf_means",
+    "collapse.nc3",
+    "collapse.nc4",
+    "classifier.w_etf",
+    "similarity.last_block",
+)
+
+
+def trend_axis(runs: list[Any]) -> str:
+    """What the x axis counts: epochs, logged steps, or places in the order given."""
+    hows = {r.order_by for r in runs}
+    if hows == {"logged step"}:
+        return "step"
+    if "order given" in hows:
+        return "epoch (checkpoint position where none is known)"
+    return "epoch"
+
+
+def render_trend_markdown(runs: list[Any], figures: list[tuple[str, str]], version: str) -> str:
+    """trend.md: the figures, then one table per run (a row per checkpoint or logged step)."""
+    lines = ["# vitdiag trend", "", f"vitdiag {version}"]
+    data = next((r.data for r in runs if r.data), None)
+    if data:
+        lines += ["", "Data:", ""] + [_data_line(role, d) for role, d in data.items()]
+    for title, name in figures:
+        lines += ["", f"![{md_cell(title)}]({name})"]
+    for run in runs:
+        lines += ["", f"## {run.name}" if len(runs) > 1 else "## Checkpoints", ""]
+        lines.append(f"Ordered by {run.order_by}.")
+        cols = [c for c in TREND_COLUMNS if any(row.metrics.get(c) is not None for row in run.rows)]
+        shifts = sorted(
+            {
+                k
+                for row in run.rows
+                for k in row.metrics
+                if re.fullmatch(r"variance\.shift@[^/_]+", k)
+            }
+        )
+        cols += [
+            k for k in shifts if any(row.metrics.get(k) not in (None, 1.0) for row in run.rows)
+        ]
+        lines.append("")
+        lines += md_table(
+            ["", "epoch", *cols],
+            [[row.label, row.epoch, *(row.metrics.get(c) for c in cols)] for row in run.rows],
+        )
+        if run.notes:
+            lines.append("")
+            lines += [f"- {md_cell(n)}" for n in run.notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_trend(
+    out: Path, runs: list[Any], text: str, *, version: str, plots: bool, force: bool
+) -> None:
+    """The trend folder: trend.json (`text`), trend.md and, with `plots`, the PNGs."""
+    from vitdiag.plots import write_trend_plots
+
+    def fill(folder: Path) -> None:
+        series = [
+            (r.name, [row.x for row in r.rows], [row.metrics for row in r.rows]) for r in runs
+        ]
+        figures, problems = (
+            write_trend_plots(folder, series, trend_axis(runs)) if plots else ([], [])
+        )
+        md = render_trend_markdown(runs, figures, version)
+        if problems:
+            md += "\n" + "\n".join(f"- figure not written: {md_cell(p)}" for p in problems) + "\n"
+        (folder / "trend.json").write_text(text, encoding="utf-8")
+        (folder / "trend.md").write_text(md, encoding="utf-8")
+
+    write_folder(out, fill, force)
