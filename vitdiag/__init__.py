@@ -12,6 +12,7 @@ _LAZY = {
     "open_dataset": ("vitdiag.data", "open_dataset"),
     "run_probes": ("vitdiag.engine", "run_probes"),
     "run_all": ("vitdiag.runner", "run_all"),
+    "Tracker": ("vitdiag.tracker", "Tracker"),
 }
 
 

@@ -68,13 +68,23 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 @contextlib.contextmanager
-def unchanged(model: torch.nn.Module) -> Iterator[None]:
-    """Give back the caller's train/eval flag of every module and the global RNG states
-    (Python, NumPy, torch CPU and CUDA), however the body leaves them: measuring a model must
-    not change how the caller's next step trains or what its next random draw is."""
+def unchanged(model: torch.nn.Module, *, placement: bool = False) -> Iterator[None]:
+    """Give back the caller's train/eval flag of every module, every parameter's `.grad` and the
+    global RNG states (Python, NumPy, torch CPU and CUDA), however the body leaves them:
+    measuring a model must not change how the caller's next step trains or what its next
+    random draw is.
+
+    placement: also put every parameter and buffer back on its own device, dtype and memory
+    (the same Parameter objects, so an optimizer holding them still steps the model), for a
+    live model that the body may move (`.to(device)`); off, a loaded model stays where the
+    body put it, so passes after the first do not move it again."""
     import numpy as np
 
     modes = [(m, m.training) for m in model.modules()]
+    # References, not copies: what the body could do is replace them (a move, zero_grad).
+    grads = [(p, p.grad) for p in model.parameters()]
+    data = [(p, p.data) for p in model.parameters()] if placement else []
+    buffers = _buffer_slots(model) if placement else []
     py_state, np_state, cpu_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     # CUDA is only read if already started: starting it here would cost a CPU-only caller.
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
@@ -83,6 +93,15 @@ def unchanged(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
+        for param, tensor in data:
+            if param.data_ptr() != tensor.data_ptr() or param.device != tensor.device:
+                param.data = tensor
+        for module, name, tensor in buffers:
+            module._buffers[name] = tensor
+        for param, grad in grads:
+            # A grad left on another device than its parameter would break the next step.
+            if param.grad is not grad and (grad is None or grad.device == param.device):
+                param.grad = grad
         random.setstate(py_state)
         np.random.set_state(np_state)
         torch.set_rng_state(cpu_state)
@@ -93,6 +112,10 @@ def unchanged(model: torch.nn.Module) -> Iterator[None]:
             for index in range(torch.cuda.device_count()):
                 with torch.cuda.device(index):
                     torch.cuda.manual_seed(torch.cuda.initial_seed())
+
+
+def _buffer_slots(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, Any]]:
+    return [(m, name, b) for m in model.modules() for name, b in m._buffers.items()]
 
 
 @dataclass

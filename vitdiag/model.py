@@ -161,6 +161,65 @@ def describe(loaded: LoadedModel) -> dict:
     }
 
 
+def from_module(model: torch.nn.Module, data_config: dict | None = None) -> LoadedModel:
+    """A `LoadedModel` around a live module (e.g. one being trained), weights left where they are.
+
+    data_config: timm's data-config keys (input_size, mean, std, crop_pct, interpolation,
+    crop_mode) for when the module's own pretrained_cfg is not how it is fed; each key given
+    wins over the module's. The image size is the module's own patch grid when it has a fixed
+    one. Nothing is copied or rebuilt, so other sizes (`at_size`) are out of reach.
+    """
+    import timm.data
+
+    fam = family_of(model)
+    pcfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    given = dict(data_config or {})
+    dc = timm.data.resolve_model_data_config(model)
+    grid = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if "input_size" in given:
+        size = as_hw(tuple(given["input_size"])[-2:], "data_config input_size")
+    elif grid is not None:
+        size = as_hw(grid, "the module's patch_embed.img_size")
+    else:
+        size = as_hw(tuple(dc["input_size"])[-2:], "the module's input_size")
+    merged = {**dc, **{k: v for k, v in given.items() if v is not None}}
+    arch = str(pcfg.get("architecture") or type(model).__name__)
+    data_config_out = {
+        "mean": tuple(float(x) for x in merged["mean"]),
+        "std": tuple(float(x) for x in merged["std"]),
+        "interpolation": merged.get("interpolation") or "bicubic",
+        "crop_pct": float(merged.get("crop_pct") or timm.data.DEFAULT_CROP_PCT),
+        "crop_mode": merged.get("crop_mode") or timm.data.DEFAULT_CROP_MODE,
+        "input_size": (int(tuple(merged["input_size"])[0]), *size),
+    }
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    provenance = {
+        "path": None,
+        "weights_file": None,
+        "config": None,
+        "sha256": None,
+        "format": "live module",
+        "arch": arch,
+        "decided_by": "live module",
+        "ema": False,
+        "label_names": None,
+    }
+    return LoadedModel(
+        model=model,
+        arch=arch,
+        family=fam,
+        num_classes=num_classes,
+        img_size=tuple(size),
+        native_size=tuple(size),
+        data_config=data_config_out,
+        provenance=provenance,
+        assumptions=[],
+        build_kwargs={"num_classes": num_classes},
+        state_dict=None,
+        pretrained_cfg={k: v for k, v in pcfg.items() if k not in SOURCE_FIELDS},
+    )
+
+
 # --------------------------------------------------------------------------- assembling
 
 
@@ -381,6 +440,7 @@ __all__ = [
     "LoadedModel",
     "at_size",
     "describe",
+    "from_module",
     "load",
     "sha256_file",
     "valid_sizes_near",
