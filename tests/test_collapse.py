@@ -604,3 +604,48 @@ def test_probes_run_through_the_engine():
     assert by_name["mixup_geometry"].metrics["pairs_diff"] == 2
     assert by_name["calibration"].metrics["n"] == 20
     by_name["collapse"].to_dict()  # JSON-able
+
+
+# -- float32 products, float64 sums (the accelerator path, forced on the CPU) ----------------
+
+
+def test_compute_dtype_is_float32_on_accelerators_and_float64_on_the_cpu():
+    from vitdiag.probes.collapse import compute_dtype_for
+
+    assert compute_dtype_for(torch.device("cpu")) is torch.float64
+    assert compute_dtype_for(torch.device("cuda")) is torch.float32
+    assert compute_dtype_for(torch.device("mps")) is torch.float32
+
+
+@pytest.mark.parametrize("model_name", ["vit_nomix", "vit_cutmix"])
+def test_float32_products_match_the_float64_path_on_the_fixtures(model_name):
+    """Both probes see the same features in one pass; only the per-batch products differ."""
+    from tests.conftest import FIXTURES
+    from vitdiag import load
+    from vitdiag.runner import Settings, open_source, run_pass, transform_at
+
+    loaded = load(str(FIXTURES / "models" / model_name))
+    s = Settings(device="cpu", batch_size=16)
+    source = open_source(str(FIXTURES / "data" / "train"), s)
+    probes = [
+        CollapseProbe.for_model(loaded.model, seed=0, compute_dtype=dtype)
+        for dtype in (torch.float64, torch.float32)
+    ]
+    done = run_pass(
+        loaded, source, probes, s, transform=transform_at(loaded.data_config, s, loaded.img_size)
+    )
+    exact, fast = (r.metrics for r in done.summary.results)
+    assert set(exact) == set(fast)
+    assert {k for k, v in exact.items() if math.isnan(v)} == {
+        k for k, v in fast.items() if math.isnan(v)
+    }
+    assert exact["n"] > 100
+    worst = max(
+        abs(fast[k] - exact[k]) / abs(exact[k])
+        for k in exact
+        if exact[k] != 0 and exact[k] == exact[k]
+    )
+    assert worst < 1e-6, worst
+    # The float32 path really ran: its NC1 is not bit-identical to the float64 one.
+    assert fast["nc1"] != exact["nc1"]
+    assert probes[1].h0_mom_scatter[0].dtype is torch.float64  # float64 sums

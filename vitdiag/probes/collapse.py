@@ -94,9 +94,9 @@ def means_coincide(mu: torch.Tensor, count: torch.Tensor) -> bool:
 
 
 def _class_sums(h: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(C, D) Σ_{i∈c} h_i. index_put_ rather than index_add_: on a busy CPU the latter's
-    thread pool made small batches ~100× slower."""
-    out = torch.zeros(num_classes, h.shape[1], dtype=torch.float64, device=h.device)
+    """(C, D) Σ_{i∈c} h_i in h's dtype. index_put_ rather than index_add_: on a busy CPU the
+    latter's thread pool made small batches ~100× slower."""
+    out = torch.zeros(num_classes, h.shape[1], dtype=h.dtype, device=h.device)
     return out.index_put_((y,), h, accumulate=True)
 
 
@@ -104,6 +104,22 @@ def shifted_moments(h: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor,
     """(Σ(h−s), Σ(h−s)(h−s)ᵀ) for a batch: the shift keeps ‖μ_G‖² out of the second moment."""
     x = f64(h) - f64(shift)
     return x.sum(dim=0), x.T @ x
+
+
+# The dtype of the per-batch products (class sums and Σ(h−s)(h−s)ᵀ of a batch); what they are
+# added into is float64 whatever it is. Accelerators use float32: consumer GPUs run float64
+# matrix products at 1/32–1/64 of float32, and MPS has no float64 at all. Each product is a sum
+# over one batch of centred features (h − s, s a batch mean), so its float32 rounding is
+# relative to the spread of h, not to ‖μ_G‖; NC1 on the fixtures moves by < 1e-6 relative
+# (tests/test_collapse.py). The CPU keeps float64: there the products cost ~1 % of a forward
+# pass (benchmarks/README.md), and the golden report pins CPU numbers to 1e-12.
+_CPU_COMPUTE_DTYPE = torch.float64
+_ACCELERATOR_COMPUTE_DTYPE = torch.float32
+
+
+def compute_dtype_for(device: torch.device) -> torch.dtype:
+    """The per-batch product dtype on `device` (see `_CPU_COMPUTE_DTYPE`)."""
+    return _CPU_COMPUTE_DTYPE if device.type == "cpu" else _ACCELERATOR_COMPUTE_DTYPE
 
 
 def pool_moments(
@@ -438,7 +454,10 @@ class CollapseProbe(Probe):
         budget: int = DEFAULT_BUDGET,
         seed: int | None = None,
         rank: int | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
+        """compute_dtype: the per-batch products' dtype; None: `compute_dtype_for` the
+        features' device (float64 features always stay float64)."""
         super().__init__()
         if not heads:
             raise VitdiagError("neural collapse needs at least one classifier head.")
@@ -448,9 +467,11 @@ class CollapseProbe(Probe):
         self.budget = int(budget)
         self.seed = seed
         self.rank = rank
+        self.compute_dtype = compute_dtype
         self._rng: np.random.Generator | None = None
         self._threshold = [math.inf] * len(self.heads)
-        self._device_params: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._started = [False] * len(self.heads)
+        self._device_params: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         for k, head in enumerate(self.heads):
             c, d = head.num_classes, head.dim
             self.add_sum_state(f"h{k}_count", (c,))
@@ -516,42 +537,63 @@ class CollapseProbe(Probe):
         counts = torch.bincount(y, minlength=c).to(torch.float64)
         for k, head in enumerate(self.heads):
             h = self._head_input(head, taps)
-            # The D×D products run where the features are (float64 on CUDA is fast); only
-            # C×D and D×D sums cross to the CPU states. MPS has no float64.
-            dev = h.device if h.device.type != "mps" else torch.device("cpu")
-            h = h[mask.to(h.device)].detach().to(dev, torch.float64)
-            y_dev = y.to(dev)
-            getattr(self, f"h{k}_count").add_(counts)
-            total = _class_sums(h, y_dev, c)
-            getattr(self, f"h{k}_total").add_(total.cpu())
-            self._update_moments(k, h)
+            dtype = self._dtype(h)
+            # The products run where the features are; MPS has no float64 to run them in.
+            dev = (
+                torch.device("cpu")
+                if h.device.type == "mps" and dtype == torch.float64
+                else h.device
+            )
+            h = h[mask.to(h.device)].detach().to(dev, dtype)
+            self._accumulate(k, h, y.to(dev), counts)
             if len(self.heads) == 1 and taps.logits is not None:
                 pred = taps.logits[mask.to(taps.logits.device)].argmax(dim=1)
             else:  # each head's own decision; the model's output averages the heads
-                weight, bias = self._params(k, dev)
+                weight, bias = self._params(k, dev, dtype)
                 pred = (h @ weight.T + bias).argmax(dim=1)
             self._update_reservoir(k, keys, h, pred)
 
-    def _params(self, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (k, str(device))
+    def _dtype(self, h: torch.Tensor) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return torch.float64 if h.dtype == torch.float64 else compute_dtype_for(h.device)
+
+    def _params(
+        self, k: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (k, str(device), dtype)
         if key not in self._device_params:
             head = self.heads[k]
             bias = torch.zeros(head.num_classes) if head.bias is None else head.bias
-            self._device_params[key] = (
-                head.weight.to(device, torch.float64),
-                bias.to(device, torch.float64),
-            )
+            self._device_params[key] = (head.weight.to(device, dtype), bias.to(device, dtype))
         return self._device_params[key]
 
-    def _update_moments(self, k: int, h: torch.Tensor) -> None:
-        n = getattr(self, f"h{k}_mom_n")[0]
-        shift = getattr(self, f"h{k}_mom_shift")[0]
-        if float(n) == 0:
-            shift.copy_(h.mean(0, keepdim=True).cpu())
-        lin, scatter = shifted_moments(h, shift[0].to(h.device))
+    def _accumulate(self, k: int, h: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> None:
+        """Add one batch to head k's float64 sums, which live where the batch does (MPS: on the
+        CPU), so that no per-batch copy waits for the accelerator.
+
+        The batch is centred on the shift s (the first batch's mean, rounded to h's dtype so
+        that h − s rounds once): class sums are Σ(h−s) + n_c s, and Σ(h−s), Σ(h−s)(h−s)ᵀ feed
+        the one-pass Σ_W."""
+        acc = torch.device("cpu") if h.device.type == "mps" else h.device
+        names = [f"h{k}_count", f"h{k}_total"]
+        pieces = [f"h{k}_mom_{n}" for n in ("n", "shift", "lin", "scatter")]
+        if not self._started[k]:
+            for name in names:
+                self.set_state(name, getattr(self, name).to(acc))
+            for name in pieces:
+                getattr(self, name)[0] = getattr(self, name)[0].to(acc)
+            getattr(self, pieces[1])[0].copy_(h.mean(0, keepdim=True))
+            self._started[k] = True
+        n, shift, lin, scatter = (getattr(self, name)[0] for name in pieces)
+        x = h - shift[0].to(h.device, h.dtype)
+        counts = counts.to(acc)
+        getattr(self, names[0]).add_(counts)
+        total = _class_sums(x, y, self.heads[k].num_classes).to(acc, torch.float64)
+        getattr(self, names[1]).add_(total + counts[:, None] * shift)
         n.add_(h.shape[0])
-        getattr(self, f"h{k}_mom_lin")[0].add_(lin.cpu())
-        getattr(self, f"h{k}_mom_scatter")[0].add_(scatter.cpu())
+        lin.add_(x.sum(dim=0).to(acc, torch.float64))
+        scatter.add_((x.T @ x).to(acc, torch.float64))
 
     def _update_reservoir(
         self, k: int, keys: torch.Tensor, h: torch.Tensor, pred: torch.Tensor
