@@ -85,9 +85,29 @@ def load(
                 "give a checkpoint path, or --arch NAME for a model with random weights."
             )
         return _load_random(arch, model_args, req_size, native)
-    ckpt = read_source(Path(source).expanduser(), ema=ema, unsafe_pickle=unsafe_pickle)
+    hub = _hub_snapshot(source)
+    path = hub.weights if hub is not None else Path(source).expanduser()
+    ckpt = read_source(path, ema=ema, unsafe_pickle=unsafe_pickle)
     spec = resolve(ckpt, arch=arch, model_args=model_args, native=native)
-    return _assemble(ckpt, spec, req_size)
+    loaded = _assemble(ckpt, spec, req_size)
+    if hub is not None:
+        loaded.provenance["path"] = str(source)
+        loaded.provenance["hub"] = {
+            "repo_id": hub.repo_id,
+            "revision": hub.revision,
+            "kind": hub.kind,
+            "folder": str(hub.folder),
+        }
+    return loaded
+
+
+def _hub_snapshot(source: str | Path):
+    """A local snapshot for a hub name (`hf-hub:ORG/NAME[@REV]` or a timm pretrained tag),
+    None for a path. The network is used only here, and only for a hub name not cached."""
+    from vitdiag.hub import fetch, is_hub_name
+
+    text = str(source)
+    return fetch(text) if is_hub_name(text) else None
 
 
 def at_size(loaded: LoadedModel, size: int | tuple[int, int]) -> LoadedModel:
@@ -138,6 +158,8 @@ def describe(loaded: LoadedModel) -> dict:
         "config": p.get("config"),
         "sha256": p.get("sha256"),
         "format": p.get("format"),
+        "source_kind": p.get("source_kind", "timm"),
+        "hub": p.get("hub"),
         "arch": loaded.arch,
         "family": loaded.family.name,
         "decided_by": p.get("decided_by"),
@@ -308,6 +330,7 @@ def _assemble(ck: Checkpoint, spec: Spec, req: tuple[int, int] | None) -> Loaded
         "decided_by": spec.decided_by,
         "ema": ck.ema,
         "label_names": spec.label_names,
+        "source_kind": spec.source_kind,
     }
     if ck.ema_note:
         provenance["ema_note"] = ck.ema_note
@@ -374,7 +397,7 @@ def _assumptions(model: torch.nn.Module, spec: Spec) -> list[Assumption]:
             Assumption(
                 "layer_norm_eps",
                 f"{eps:g}",
-                f"timm default for {spec.arch}",
+                spec.eps_source or f"timm default for {spec.arch}",
                 "--arch (an architecture with the eps the weights were trained with)",
             )
         )

@@ -28,7 +28,18 @@ from vitdiag.loading.timm_internals import model_args_of
 log = logging.getLogger(__name__)
 
 # Preferred weight files inside a model directory, in timm's order of preference.
-_DIR_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+_DIR_WEIGHTS = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.pth",
+    "model.pth",
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.bin",
+)
+# Weights split over several files (transformers' save_pretrained for large models).
+_SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# Files other libraries keep beside their weights: read as records, never as timm configs.
+_SIDE_CONFIGS = ("preprocessor_config.json", "open_clip_config.json")
 _WEIGHT_EXTS = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 _EMA_KEYS = ("state_dict_ema", "model_ema", "ema_state_dict")
 _MAIN_KEYS = ("state_dict", "model", "model_state_dict", "module")
@@ -58,6 +69,10 @@ class Checkpoint:
     train_args: dict | None = None
     train_args_source: str = ""
     module_hints: dict | None = None
+    # Another library's own config (transformers config.json, open_clip_config.json) and
+    # preprocessing, for `vitdiag.loading.convert`; None for timm checkpoints.
+    source_config: dict | None = None
+    preprocessor: dict | None = None
 
 
 def read_source(path: Path, *, ema: bool, unsafe_pickle: bool) -> Checkpoint:
@@ -71,12 +86,15 @@ def read_source(path: Path, *, ema: bool, unsafe_pickle: bool) -> Checkpoint:
     else:
         weights = path
         config_path = path.parent / "config.json"
-    config = _read_config(config_path) if config_path.is_file() else None
+    raw = _read_json(config_path, "or remove it, or pass --arch") if config_path.is_file() else None
+    foreign = raw is not None and _is_foreign_config(raw)
+    config = _timm_config(raw, config_path) if raw is not None and not foreign else None
     obj, fmt = _read_weights(weights, unsafe_pickle=unsafe_pickle)
     ck = _unpack(obj, weights, ema=ema)
     ck.path, ck.fmt = path, fmt if not isinstance(obj, torch.nn.Module) else "pickled-module"
     if config is not None:
         ck.config, ck.config_path = config, config_path
+    _read_side_configs(ck, weights.parent, raw if foreign else None, config_path)
     if ck.train_args is None:
         args_yaml = weights.parent / "args.yaml"
         if args_yaml.is_file():
@@ -85,7 +103,30 @@ def read_source(path: Path, *, ema: bool, unsafe_pickle: bool) -> Checkpoint:
     return ck
 
 
+def _is_foreign_config(cfg: Any) -> bool:
+    """A config.json written by transformers (model_type), not by timm (architecture)."""
+    return isinstance(cfg, dict) and "model_type" in cfg and "architecture" not in cfg
+
+
+def _read_side_configs(ck: Checkpoint, folder: Path, foreign: dict | None, path: Path) -> None:
+    """Other libraries' configs beside the weights: what converting their keys needs."""
+    if foreign is not None:
+        ck.source_config, ck.config_path = foreign, path
+    for name in _SIDE_CONFIGS:
+        side = folder / name
+        if not side.is_file():
+            continue
+        data = _read_json(side, "or remove it")
+        if name == "preprocessor_config.json":
+            ck.preprocessor = data
+        elif ck.source_config is None and ck.config is None:
+            ck.source_config, ck.config_path = data, side
+
+
 def _weights_in_dir(path: Path) -> Path:
+    for name in _SHARD_INDEXES:
+        if (path / name).is_file() and not (path / name.removesuffix(".index.json")).is_file():
+            return path / name
     for name in _DIR_WEIGHTS:
         if (path / name).is_file():
             return path / name
@@ -99,15 +140,21 @@ def _weights_in_dir(path: Path) -> Path:
     )
 
 
-def _read_config(path: Path) -> dict:
+def _read_json(path: Path, fix: str) -> dict:
     try:
         cfg = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise VitdiagError(
-            f"{path} is not valid JSON ({one_line(e)}); fix or remove it, or pass --arch."
-        ) from None
+        raise VitdiagError(f"{path} is not valid JSON ({one_line(e)}); fix {fix}.") from None
     if not isinstance(cfg, dict):
-        raise VitdiagError(f"{path} must hold a JSON object; fix or remove it, or pass --arch.")
+        raise VitdiagError(f"{path} must hold a JSON object; fix {fix}.")
+    return cfg
+
+
+def _read_config(path: Path) -> dict:
+    return _timm_config(_read_json(path, "or remove it, or pass --arch"), path)
+
+
+def _timm_config(cfg: dict, path: Path) -> dict:
     # timm's legacy single-dict form keeps everything at the top level.
     if "pretrained_cfg" not in cfg:
         pc = {k: v for k, v in cfg.items() if k not in ("architecture", "model_args")}
@@ -156,6 +203,8 @@ def read_args_yaml(path: Path, *, option: str | None = None) -> dict | None:
 
 
 def _read_weights(path: Path, *, unsafe_pickle: bool) -> tuple[Any, str]:
+    if path.name.endswith(".index.json"):
+        return _read_shards(path, unsafe_pickle=unsafe_pickle)
     if path.stat().st_size == 0:
         raise VitdiagError(f"{path} is empty; the download or copy probably failed.")
     if path.suffix == ".safetensors":
@@ -174,6 +223,22 @@ def _read_weights(path: Path, *, unsafe_pickle: bool) -> tuple[Any, str]:
                 "check that the file is complete."
             ) from None
     return _read_pickle_safely(path), "torch-pickle"
+
+
+def _read_shards(index: Path, *, unsafe_pickle: bool) -> tuple[dict, str]:
+    """One state dict from the shards a `*.index.json` weight map names."""
+    weight_map = _read_json(index, "it or copy the model again").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise VitdiagError(f"{index} has no weight_map; copy the model again.")
+    merged: dict = {}
+    fmt = "safetensors"
+    for name in sorted(set(weight_map.values())):
+        shard = index.parent / str(name)
+        if not shard.is_file():
+            raise VitdiagError(f"{index} names {name}, which is missing; copy the model again.")
+        part, fmt = _read_weights(shard, unsafe_pickle=unsafe_pickle)
+        merged.update(part)
+    return merged, f"{fmt} (sharded)"
 
 
 def _read_safetensors(path: Path) -> dict:

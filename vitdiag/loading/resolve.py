@@ -27,7 +27,7 @@ from vitdiag.loading.match import (
     num_classes,
     shapes_and_print,
 )
-from vitdiag.loading.spec import Spec
+from vitdiag.loading.spec import Assumption, Spec
 from vitdiag.posembed import as_hw
 
 _CFG_OVERLAY = ("mean", "std", "interpolation", "crop_pct", "crop_mode", "input_size")
@@ -111,6 +111,9 @@ def _train_args_records(rec: Records, targs: dict, source: str) -> None:
 def resolve(
     ck: Checkpoint, *, arch: str | None, model_args: dict, native: tuple[int, int] | None
 ) -> Spec:
+    converted = _converted(ck)
+    if converted is not None:
+        return _from_conversion(ck, converted, model_args, native)
     rec = read_records(ck, model_args, native)
     named = _named_arch(ck, arch, rec.cfg_name)
     kwargs = dict(named.kwargs) if named is not None else {}
@@ -137,6 +140,78 @@ def resolve(
         label_names=list(rec.label_names) if rec.label_names else None,
         heads_source=heads,
     )
+
+
+def _converted(ck: Checkpoint) -> tuple[str, Any] | None:
+    """(source kind, conversion) for weights saved by transformers, open_clip or the original
+    DINOv2 code; None for timm weights. The checkpoint's state dict becomes timm's."""
+    from vitdiag.loading.convert import convert, detect
+
+    kind = detect(ck.source_config, ck.state_dict.keys())
+    if kind is None:
+        return None
+    out = convert(kind, ck.source_config, ck.state_dict, ck.preprocessor)
+    ck.state_dict = out.state_dict
+    return kind, out
+
+
+def _from_conversion(
+    ck: Checkpoint, converted: tuple[str, Any], model_args: dict, native: tuple[int, int] | None
+) -> Spec:
+    """The timm architecture a converted checkpoint maps to. The conversion fixes every
+    argument the weights depend on; --model-arg still overrides any of them."""
+    kind, out = converted
+    where = ck.config_path.name if ck.config_path else "the tensor names"
+    rec = read_records(ck, model_args, native)
+    kwargs = dict(out.model_args)
+    size = kwargs.pop("img_size", None)
+    if size is not None and rec.size_hint is None:
+        rec.size_hint, rec.size_hint_source = as_hw(size), f"{kind} config ({where})"
+    kwargs.update(model_args)
+    for key, value in out.data_config.items():
+        if value is not None and key not in rec.overlay:
+            rec.overlay[key] = tuple(value) if isinstance(value, list) else value
+            rec.overlay_source[key] = f"{kind} preprocessing ({where})"
+    native_size, native_source = decide_native(out.arch, kwargs, ck, rec)
+    # The loader states heads and eps for every model; the conversion says where they came from.
+    stated = {a.what: a for a in out.assumptions}
+    heads, eps = stated.pop("num_heads", None), stated.pop("LayerNorm eps", None)
+    return Spec(
+        arch=out.arch,
+        build_kwargs=kwargs,
+        native=native_size,
+        native_source=native_source,
+        decided_by=f"converted from {kind} ({where}) to timm {out.arch}",
+        overlay=rec.overlay,
+        overlay_source=rec.overlay_source,
+        assumptions=[
+            Assumption(
+                "source format",
+                f"{kind}, converted to timm {out.arch} by a key map",
+                where,
+                "--model-arg KEY=VALUE changes one argument of the converted model",
+            ),
+            *(Assumption(a.what, a.value, a.source, a.override) for a in stated.values()),
+        ],
+        label_names=_label_names(ck.source_config),
+        heads_source="--model-arg num_heads"
+        if "num_heads" in model_args
+        else f"{kind} {heads.source if heads else where}",
+        source_kind=kind,
+        eps_source=f"{kind} {eps.source if eps else where}",
+    )
+
+
+def _label_names(config: dict | None) -> list[str] | None:
+    """transformers' id2label, in output order, when it names real classes."""
+    id2label = (config or {}).get("id2label")
+    if not isinstance(id2label, dict) or not id2label:
+        return None
+    try:
+        names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    except (TypeError, ValueError):
+        return None
+    return None if all(n.startswith("LABEL_") for n in names) else names
 
 
 def _named_arch(ck: Checkpoint, arch: str | None, cfg_name: str) -> Choice | None:

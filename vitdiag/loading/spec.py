@@ -28,3 +28,5 @@ class Spec:
     assumptions: list[Assumption]  # architecture-level ones (matching, heads)
     label_names: list | None = None
     heads_source: str = ""
+    source_kind: str = "timm"  # or the library the weights were converted from
+    eps_source: str = ""  # where the LayerNorm eps comes from, when not timm's default
