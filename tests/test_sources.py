@@ -195,9 +195,12 @@ def test_fix_posembed_on_a_converted_model_writes_a_plain_timm_checkpoint(tmp_pa
     result = CliRunner().invoke(
         app,
         ["fix-posembed", str(tmp_path / "vit"), "--size", "48", "--rescale", "none"]
-        + ["--out", str(out), "--quiet"],
+        + ["--out", str(out), "--quiet", "--json", str(tmp_path / "fix.json")],
     )
     assert result.exit_code == 0, result.output
+    notes = json.loads((tmp_path / "fix.json").read_text())["results"][0]["notes"]
+    # transformers ViT's LayerNorm eps 1e-12 has no place in timm's config.json: said, measured.
+    assert any("norm_layer=" in n and "eps=1e-12" in n for n in notes), notes
     code = (
         "import sys, timm, torch\n"
         f"m = timm.create_model('local-dir:{out}', pretrained=True).eval()\n"

@@ -97,6 +97,28 @@ def _model_args(loaded: LoadedModel, size: Any) -> dict[str, Any]:
     return args
 
 
+def unwritable_args(loaded: LoadedModel) -> list[str]:
+    """Build arguments that timm's config.json cannot hold (a LayerNorm with a converted
+    model's eps, a layer class): plain timm builds its own default for each of these."""
+    out = []
+    for k, v in dict(loaded.build_kwargs or {}).items():
+        try:
+            json.dumps(v)
+        except TypeError:
+            out.append(f"{k}={v!r}")
+    return out
+
+
+def _unwritable_note(loaded: LoadedModel) -> list[str]:
+    dropped = unwritable_args(loaded)
+    if not dropped:
+        return []
+    return [
+        f"config.json cannot hold {', '.join(dropped)}, so plain timm builds the architecture's "
+        "default there; the logit difference above is what that costs."
+    ]
+
+
 def checkpoint_config(loaded: LoadedModel, size: Any, provenance: dict[str, str]) -> dict:
     """config.json for timm's ``local-dir:`` loader, describing the model at `size`."""
     h, w = as_hw(size)
@@ -428,6 +450,7 @@ def fix_posembed(
         f"timm.create_model('local-dir:{written}', pretrained=True); checked: its logits differ "
         f"from vitdiag's model by at most {diffs[0]:.2g}.",
     )
+    notes[1:1] = _unwritable_note(native)
     result = Result(
         probe="fix-posembed",
         definition="posembed-rescale-v1",
@@ -523,6 +546,7 @@ def resize_without_table(
             if resized
             else "was rescaled, and no weight depends on the input size."
         ),
+        *_unwritable_note(native),
     ]
     rows = resized or [["(no tensor changes shape)", "", ""]]
     result = Result(
