@@ -139,3 +139,26 @@ def test_augment_erasing_on_two_processes_matches_one(tiny_ckpt, image_folder):
     assert any(k.startswith("ratio_x_token/erasing-") for k in single)
     off = {k: (v, multi[k]) for k, v in single.items() if not _close(v, multi[k])}
     assert not off, off
+
+
+def test_invariance_views_on_two_processes_match_one_to_1e_12(tiny_ckpt, image_folder):
+    # Views are made in the loader's workers and seeded by each image's index in the dataset,
+    # so a process count (and worker count) that moves images between shards and batches must
+    # not move a number beyond float64 summation order.
+    augs = "erasing-pixel,cutout,randaugment,autoaugment,trivialaugment,colorjitter,rrc"
+    args = ["invariance", str(tiny_ckpt), "--data", str(image_folder), "--aug", augs]
+    args += ["--views", "2", "--batch-size", "4", "--device", "cpu", "-q", "--json", "-"]
+    result = CliRunner().invoke(app, [*args, "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    single = json.loads(result.stdout)["results"][0]["metrics"]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "vitdiag", *args, "--workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    multi = json.loads(proc.stdout)["results"][0]["metrics"]
+
+    assert single.keys() == multi.keys() and len(single) == 14
+    off = {k: (v, multi[k]) for k, v in single.items() if abs(v - multi[k]) > 1e-12}
+    assert not off, off

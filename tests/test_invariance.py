@@ -318,19 +318,20 @@ def test_cli_two_checkpoints_share_one_table_json_and_plot(tmp_path, tiny_ckpt, 
     assert [r["extra"]["checkpoint"] for r in doc["results"]] == ["tiny", "other"]
 
     # The JSON numbers are the probe's numbers on the same model and loader.
-    from vitdiag.commands.common import DataOptions, loader_for, open_data, transform_for
     from vitdiag.model import load
+    from vitdiag.runner import Settings, loader_for, open_source, transform_at
 
-    opts = DataOptions(str(image_folder), batch_size=5)
+    opts = Settings(batch_size=5)
     loaded = load(str(tiny_ckpt))
-    transform = transform_for(loaded, opts, loaded.img_size)
+    transform = transform_at(loaded.data_config, opts, loaded.img_size)
     probe = InvarianceProbe(
         ["mixup", "erasing-const", "rrc"],
         views=2,
         mean=transform.config["mean"],
         std=transform.config["std"],
     )
-    direct = run_probes(loaded.model, loader_for(open_data(opts), transform, opts), [probe])
+    source = open_source(str(image_folder), opts)
+    direct = run_probes(loaded.model, loader_for(source, transform, opts), [probe])
     first = doc["results"][0]
     assert first["definition"] == "vitdiag-v1"
     for key, value in direct.results[0].metrics.items():
@@ -368,3 +369,99 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, extra, needle):
     err = result.stderr.strip()
     assert err.startswith("error: ") and "\n" not in err and needle in err
     assert not out.exists()
+
+
+# -- views made in the loader's workers --------------------------------------------------------
+
+NOT_MIXING = [a for a in A.AUGMENTATIONS if a not in A.MIXING]
+
+
+def _photo(seed: int = 0, size=(45, 37)):
+    """An 8-bit RGB image with detail at every scale (so every crop and colour op shows)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+
+@pytest.mark.parametrize("name", sorted(A.PIXEL))
+def test_worker_views_are_the_library_transform_of_the_crop_seeded_by_source_index(name):
+    from vitdiag.data import eval_transform
+
+    t = eval_transform({"input_size": (3, SIZE, SIZE), "mean": MEAN, "std": STD}, SIZE)
+    img = _photo()
+    crop = t.crop(img)
+    maker = A.WorkerViews(
+        [name], views=3, seed=7, size=SIZE, mean=MEAN, std=STD, prefix="invariance/"
+    )
+    got = maker(img, crop, t.normalise(crop), 123)[f"invariance/{name}"]
+    assert got.shape == (3, 3, SIZE, SIZE) and got.dtype == torch.uint8
+    _, ref = _reference(name)
+    for v in range(3):
+        _seed_all(A.view_seed(7, name, 123, v))
+        want = torch.from_numpy(np.array(ref(crop.copy()))).permute(2, 0, 1)
+        assert torch.equal(got[v], want), v
+        # normalised on the device, the view is what the eval transform's tensor steps make
+        assert torch.equal(A.normalise_uint8(got[v], MEAN, STD), t.normalise(ref_pil(got[v])))
+    assert not torch.equal(got[0], got[1])
+
+
+def ref_pil(u8: torch.Tensor):
+    from PIL import Image
+
+    return Image.fromarray(u8.permute(1, 2, 0).numpy(), "RGB")
+
+
+def _invariance_run(folder, **settings):
+    from vitdiag.model import load
+    from vitdiag.runner import run_all
+
+    loaded = load(
+        None,
+        arch="vit_tiny_patch16_224",
+        model_args={"img_size": SIZE, "patch_size": 8, "depth": 2, "num_classes": 3},
+    )
+    found = run_all(
+        loaded,
+        str(folder),
+        probes={"invariance"},
+        aug=",".join(NOT_MIXING),
+        views=2,
+        device="cpu",
+        label_check=False,
+        **settings,
+    )
+    return found[0]
+
+
+@pytest.mark.slow
+def test_invariance_is_the_same_whatever_the_workers_and_batch_size(image_folder):
+    base = _invariance_run(image_folder, workers=0, batch_size=4)
+    assert any("worker processes" in n for n in base.notes)  # views came from the loader
+    for settings in ({"workers": 2, "batch_size": 4}, {"workers": 0, "batch_size": 16}):
+        other = _invariance_run(image_folder, **settings)
+        assert other.metrics.keys() == base.metrics.keys()
+        for key, value in base.metrics.items():
+            assert other.metrics[key] == pytest.approx(value, rel=0, abs=1e-12), (settings, key)
+    # the seed matters, so equality above is not two runs of a constant
+    moved = _invariance_run(image_folder, workers=0, batch_size=4, seed=1)
+    assert any(abs(moved.metrics[k] - v) > 1e-4 for k, v in base.metrics.items())
+
+
+def test_loader_views_match_the_probes_own_round_trip_on_real_images(image_folder):
+    """The worker path (8-bit crop) and the in-process path (denormalised tensor, uint8 round
+    trip) agree on real images: the crop's pixels survive the round trip exactly."""
+    from vitdiag.data import eval_transform, make_loader, open_dataset
+
+    cfg = {"input_size": (3, SIZE, SIZE), "mean": MEAN, "std": STD}
+    t = eval_transform(cfg, SIZE)
+    names = sorted(A.PIXEL)
+    maker = A.WorkerViews(names, views=2, seed=3, size=SIZE, mean=MEAN, std=STD)
+    batch = next(iter(make_loader(open_dataset(str(image_folder)), t, batch_size=5, views=maker)))
+    positions = batch.indices.tolist()
+    for name in names:
+        aug = A.build_augmentation(name, size=SIZE, mean=MEAN, std=STD)
+        for v in range(2):
+            direct = aug(batch.images, seed=3, positions=positions, view=v)
+            made = A.normalise_uint8(batch.views[name][:, v], MEAN, STD)
+            torch.testing.assert_close(made, direct, atol=1e-6, rtol=0)

@@ -51,6 +51,10 @@ AUGMENTATIONS: tuple[str, ...] = (
     "rrc",
 )
 MIXING: frozenset[str] = frozenset({"mixup", "cutmix"})
+# Those that work on 8-bit PIL images (the others work on the normalised tensor).
+PIXEL: frozenset[str] = frozenset(
+    {"randaugment", "autoaugment", "trivialaugment", "colorjitter", "rrc"}
+)
 DEFAULT_ALPHA: dict[str, float] = {"mixup": 0.8, "cutmix": 1.0}
 
 # timm's DeiT/ViT training recipe (`--aa rand-m9-mstd0.5-inc1`) and the AutoAugment paper's
@@ -174,6 +178,16 @@ def to_pil(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]):
     return Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
 
 
+def normalise_uint8(
+    images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """8-bit images (..., 3, H, W) → normalised float32, bit for bit what the eval transform's
+    ToTensor + Normalize give (divide by 255, subtract, divide), on whatever device they are."""
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    return images.float().div(255).sub(m).div(s)
+
+
 def from_pil(img: Any, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """An 8-bit RGB PIL image → normalised (3, H, W) float32 tensor."""
     arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
@@ -255,6 +269,12 @@ class PixelAugmentation(PerImageAugmentation):
 
     def one(self, image: torch.Tensor) -> torch.Tensor:
         return from_pil(self.transform(to_pil(image, self.mean, self.std)), self.mean, self.std)
+
+    def from_crop(self, crop: Any) -> torch.Tensor:
+        """One view of an 8-bit PIL crop, as a (3, H, W) uint8 tensor (`normalise_uint8` makes
+        it the model's input): no round trip, the transform sees the crop's own pixels."""
+        out = np.asarray(self.transform(crop).convert("RGB"), dtype=np.uint8)
+        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
 
     def __call__(
         self, images: torch.Tensor, *, seed: int, positions: Sequence[int], view: int
@@ -448,3 +468,58 @@ def build_augmentation(
     raise VitdiagError(
         f"{name!r} is not a known augmentation; choose from {', '.join(AUGMENTATIONS)}."
     )
+
+
+class WorkerViews:
+    """The views of pixel-space augmentations, made in the DataLoader workers.
+
+    A loader ``views`` maker (`vitdiag.data.ViewMaker`): for each image it returns, per
+    augmentation, ``views`` views stacked (V, 3, H, W), each the library transform applied to the
+    eval transform's 8-bit crop under ``seeded(view_seed(seed, name, index, v))`` with ``index``
+    the image's index in its source, so the views depend on neither the worker count, the batch
+    size nor the number of processes. Views of real images are uint8 (4× less to hand over and
+    copy to the device than float; `normalise_uint8` finishes them); a synthetic source has no
+    8-bit image, so its views go through the uint8 round trip and come back normalised.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        *,
+        views: int,
+        seed: int,
+        size: int | tuple[int, int],
+        mean: Sequence[float],
+        std: Sequence[float],
+        interpolation: str = "bicubic",
+        prefix: str = "",
+    ) -> None:
+        self.names = list(names)
+        self.views = views
+        self.seed = seed
+        self.prefix = prefix
+        self.augs = {
+            name: build_augmentation(
+                name, size=size, mean=mean, std=std, interpolation=interpolation
+            )
+            for name in self.names
+        }
+        if not all(isinstance(a, PixelAugmentation) for a in self.augs.values()):
+            raise ValueError(f"only pixel-space augmentations are made in workers: {names}")
+
+    def key(self, name: str) -> str:
+        """Where the views of ``name`` are in a batch's ``views``."""
+        return self.prefix + name
+
+    def __call__(
+        self, image: Any, crop: Any, clean: torch.Tensor, index: int
+    ) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, aug in self.augs.items():
+            assert isinstance(aug, PixelAugmentation)
+            views = []
+            for v in range(self.views):
+                with seeded(view_seed(self.seed, name, index, v)):
+                    views.append(aug.one(clean) if crop is None else aug.from_crop(crop))
+            out[self.key(name)] = torch.stack(views)
+        return out

@@ -333,6 +333,9 @@ def _run_probes(
             if images.shape[0] == 0:
                 continue
             taps = Taps(images=images, targets=targets.to(torch.int64), context=ctx)
+            # Source indices and views made by the loader's workers (data.Batch), if any.
+            taps.indices = getattr(batch, "indices", None)
+            taps.views = getattr(batch, "views", None)
             with torch.inference_mode(), ctx.autocast():
                 x = ctx.prepare(images)
                 feats = model.forward_features(x)
@@ -342,7 +345,7 @@ def _run_probes(
                     taps.logits = _float(model.forward_head(feats))
             taps.features = _float(feats) if FEATURES in needs else None
             taps.images = x
-            taps.targets = taps.targets.to(device)
+            taps.targets = taps.targets.to(device, non_blocking=True)
             if recorder is not None:
                 taps.layers, taps.prefix = recorder.collect()
             for probe in probes:

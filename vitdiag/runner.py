@@ -31,7 +31,7 @@ class Settings:
     """Data, device and probe options shared by every pass (the CLI's common options)."""
 
     batch_size: int = 64
-    workers: int = 0
+    workers: int = field(default_factory=lambda: _default_workers())
     limit: int | None = None
     seed: int = 0
     strict: bool = False
@@ -60,6 +60,12 @@ class Settings:
     # Refuse data with more classes than outputs (off for probes that never read labels).
     label_check: bool = True
     label: str | None = None  # the progress bar's label (default: the dataset's role)
+
+
+def _default_workers() -> int:
+    from vitdiag.data import DEFAULT_WORKERS
+
+    return DEFAULT_WORKERS
 
 
 class Results(list):
@@ -276,10 +282,14 @@ def transform_at(data_config: dict, s: Settings, size: Any) -> Any:
     )
 
 
-def loader_for(source: Any, transform: Any, s: Settings, per_class: int | None = None) -> Any:
-    """This process's shard of `source` through `transform`, as the run's settings ask."""
+def loader_for(
+    source: Any, transform: Any, s: Settings, per_class: int | None = None, views: Any = None
+) -> Any:
+    """This process's shard of `source` through `transform`, as the run's settings ask.
+
+    views: a `vitdiag.data.ViewMaker` whose output the workers add to each batch."""
     from vitdiag.data import make_loader
-    from vitdiag.engine import init_distributed
+    from vitdiag.engine import init_distributed, resolve_device
 
     rank, world = init_distributed()
     return make_loader(
@@ -292,6 +302,8 @@ def loader_for(source: Any, transform: Any, s: Settings, per_class: int | None =
         rank=rank,
         world_size=world,
         per_class=per_class,
+        views=views,
+        pin_memory=resolve_device(s.device).type == "cuda",
     )
 
 
@@ -332,7 +344,7 @@ def run_pass(
     from vitdiag.engine import run_probes
 
     notes = label_notes(loaded, source) if loaded is not None and s.label_check else []
-    loader = loader_for(source, transform, s, per_class)
+    loader = loader_for(source, transform, s, per_class, views=_loader_views(probes))
     summary = run_probes(
         model if model is not None else loaded.model,
         loader,
@@ -352,6 +364,17 @@ def run_pass(
         )
     desc = dict(source.describe(), n_images=summary.n_images, n_unreadable=summary.n_unreadable)
     return Pass(summary, desc, notes)
+
+
+def _loader_views(probes: list) -> Any:
+    """What the probes ask the loader's workers to make besides the clean batch (augmented
+    views), merged into one maker; None when nothing."""
+    makers = [m for p in probes if (m := getattr(p, "loader_views", lambda: None)()) is not None]
+    if len(makers) <= 1:
+        return makers[0] if makers else None
+    from vitdiag.data import merged_views
+
+    return merged_views(makers)
 
 
 def _one_pass(
@@ -427,14 +450,23 @@ def _variance(
     from vitdiag.studies.variance import variance_study
 
     asked = list(sizes)
+    held: dict[tuple, Any] = {}
+
+    def batches_at(at: Any, size: Any) -> Any:
+        # Passes A and B at one size read the data alike: one loader (and worker pool) serves
+        # both; the previous size's loader is let go so its workers exit.
+        key = tuple(size)
+        if key not in held:
+            held.clear()
+            held[key] = loader_for(source, transform_at(at.data_config, s, size), s, per_class)
+        return held[key]
+
     # The native size alone still gives r0 and Var P; naming it keeps the study from noting
     # that it was "added".
     study = variance_study(
         loaded,
         asked or [tuple(loaded.native_size)],
-        batches_at=lambda at, size: loader_for(
-            source, transform_at(at.data_config, s, size), s, per_class
-        ),
+        batches_at=batches_at,
         accuracy=source.labelled,
         native_pass=None if native_probe is None else (native_probe, native_summary),
         interpolations=s.table_interpolations,

@@ -28,7 +28,16 @@ Policies worth knowing:
   when a plain callable is passed). The transform itself is skipped for synthetic sources.
 """
 
-from vitdiag.data.loader import Batch, Loader, make_loader, select_indices
+from vitdiag.data.loader import (
+    DEFAULT_WORKERS,
+    Batch,
+    Loader,
+    ViewMaker,
+    default_workers,
+    make_loader,
+    merged_views,
+    select_indices,
+)
 from vitdiag.data.sources import (
     IMAGE_EXTENSIONS,
     ImageSource,
@@ -40,6 +49,9 @@ from vitdiag.data.sources import (
 from vitdiag.data.transforms import EvalTransform, eval_transform
 
 __all__ = [
+    "DEFAULT_WORKERS",
+    "ViewMaker",
+    "default_workers",
     "IMAGE_EXTENSIONS",
     "Batch",
     "EvalTransform",
@@ -49,6 +61,7 @@ __all__ = [
     "_decode",
     "eval_transform",
     "make_loader",
+    "merged_views",
     "open_dataset",
     "select_indices",
     "to_rgb",

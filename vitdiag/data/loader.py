@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -18,7 +20,8 @@ class Batch:
 
     ``n_unreadable`` counts the files skipped since the previous yielded batch (including those of
     wholly unreadable batches, which are not yielded), so summing it over batches gives the exact
-    total. ``indices`` are the source indices of ``images``.
+    total. ``indices`` are the source indices of ``images``. ``views``: what the loader's
+    ``views`` maker returned for each image, stacked (name -> (B, ...)), made in the workers.
     """
 
     images: torch.Tensor
@@ -26,10 +29,32 @@ class Batch:
     n_unreadable: int = 0
     indices: torch.Tensor | None = None
     unreadable: list[str] = field(default_factory=list)
+    views: dict[str, torch.Tensor] | None = None
 
 
-# (image or None when unreadable, target, source index, (name, reason) when unreadable)
-_Item = tuple[torch.Tensor | None, int, int, tuple[str, str] | None]
+# What a loader's `views` maker is given for one image: (the decoded image (a synthetic source's
+# tensor), the transform's 8-bit crop of it (None for synthetic data), the clean input tensor,
+# the source index); it returns named tensors that are stacked per batch.
+ViewMaker = Callable[[Any, Any, torch.Tensor, int], dict[str, torch.Tensor]]
+
+
+class merged_views:  # noqa: N801 - used like a function
+    """One `ViewMaker` from several (their names must differ): what each returns, together."""
+
+    def __init__(self, makers: list[ViewMaker]) -> None:
+        self.makers = list(makers)
+
+    def __call__(
+        self, image: Any, crop: Any, clean: torch.Tensor, index: int
+    ) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for maker in self.makers:
+            out.update(maker(image, crop, clean, index))
+        return out
+
+
+# (image or None when unreadable, target, source index, (name, reason) when unreadable, views)
+_Item = tuple[torch.Tensor | None, int, int, tuple[str, str] | None, dict | None]
 
 
 class _Selection(Dataset):
@@ -41,11 +66,13 @@ class _Selection(Dataset):
         indices: list[int],
         transform: Callable | None,
         size: tuple[int, int] | None,
+        views: ViewMaker | None = None,
     ) -> None:
         self.source = source
         self.indices = indices
         self.transform = transform
         self.size = size
+        self.views = views
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -54,26 +81,37 @@ class _Selection(Dataset):
         index = self.indices[k]
         if isinstance(self.source, _SyntheticSource):
             assert self.size is not None
-            return self.source.tensor(index, self.size), -1, index, None
+            tensor = self.source.tensor(index, self.size)
+            views = self.views(tensor, None, tensor, index) if self.views is not None else None
+            return tensor, -1, index, None, views
         try:
             img, target = self.source[index]
-            tensor = self.transform(img) if self.transform is not None else img
+            crop = None
+            if self.views is not None and hasattr(self.transform, "crop"):
+                # The clean input from the same crop the views start from (identical to
+                # transform(img)), so the resize is done once.
+                crop = self.transform.crop(img)
+                tensor = self.transform.normalise(crop)
+            else:
+                tensor = self.transform(img) if self.transform is not None else img
         except UnreadableImageError as exc:
             # Returned, not raised: a raise inside a worker would reach the user wrapped in a
             # multi-line DataLoader traceback, and non-strict runs must go on.
-            return None, -1, index, (exc.name, exc.reason)
-        return tensor, target, index, None
+            return None, -1, index, (exc.name, exc.reason), None
+        views = self.views(img, crop, tensor, index) if self.views is not None else None
+        return tensor, target, index, None, views
 
 
-def _collate(
-    items: list[_Item],
-) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+def _collate(items: list[_Item]) -> tuple[Any, ...]:
     good = [it for it in items if it[0] is not None]
     failed = [it[3] for it in items if it[3] is not None]
     images = torch.stack([it[0] for it in good]) if good else None
     targets = torch.tensor([it[1] for it in good], dtype=torch.int64)
     indices = torch.tensor([it[2] for it in good], dtype=torch.int64)
-    return images, targets, indices, failed  # type: ignore[return-value]
+    views = None
+    if good and good[0][4] is not None:
+        views = {k: torch.stack([it[4][k] for it in good]) for k in good[0][4]}
+    return images, targets, indices, failed, views
 
 
 def select_indices(
@@ -128,10 +166,13 @@ class Loader:
     """A re-iterable stream of ``Batch``; ``len()`` is the number of underlying loader batches
     (an upper bound on what is yielded, since wholly unreadable batches are merged away)."""
 
-    def __init__(self, source: ImageSource, selection: _Selection, loader: DataLoader) -> None:
+    def __init__(
+        self, source: ImageSource, selection: _Selection, loader: DataLoader, workers: int = 0
+    ) -> None:
         self.source = source
         self.indices = selection.indices
         self._loader = loader
+        self.workers = workers  # the worker processes actually started
 
     def __len__(self) -> int:
         return len(self._loader)
@@ -143,13 +184,14 @@ class Loader:
     def __iter__(self) -> Iterator[Batch]:
         held: Batch | None = None
         pending: list[tuple[str, str]] = []
-        for images, targets, indices, failed in self._loader:
+        for images, targets, indices, failed, views in self._loader:
             if failed and self.source.strict:
                 raise UnreadableImageError(*failed[0])
             pending.extend(failed)
             if images is None:
                 continue
-            batch = Batch(images, targets, len(pending), indices, [name for name, _ in pending])
+            names = [name for name, _ in pending]
+            batch = Batch(images, targets, len(pending), indices, names, views)
             pending = []
             if held is not None:
                 yield held
@@ -181,6 +223,8 @@ def make_loader(
     drop_last: bool = False,
     shuffle: bool = False,
     per_class: int | None = None,
+    views: ViewMaker | None = None,
+    pin_memory: bool | None = None,
 ) -> Loader:
     """Batches of transformed images from ``source``.
 
@@ -191,6 +235,12 @@ def make_loader(
     the single-process sums. For synthetic sources the transform is not applied; the size
     comes from ``transform.size`` (an ``EvalTransform``) or else ``source.size``.
     Also records ``limit`` and ``seed`` on the source for ``describe()``.
+
+    ``workers`` processes decode (and make ``views``, see ``ViewMaker``) while the main process
+    computes; they stay up between iterations, so passes over one loader share them. Fewer are
+    started when there are fewer batches, and none for a single batch, where nothing could
+    overlap. ``pin_memory`` (default: when CUDA is present) page-locks batches so copies to the
+    GPU can be non-blocking.
     """
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise VitdiagError(f"--batch-size must be a positive integer, got {batch_size}.")
@@ -221,15 +271,33 @@ def make_loader(
     source.limit = limit
     if not source.synthetic:  # a synthetic source reports the seed of its pixels instead
         source.seed = seed
-    selection = _Selection(source, indices, None if source.synthetic else transform, size)
+    selection = _Selection(source, indices, None if source.synthetic else transform, size, views)
+    n_batches = len(indices) // batch_size if drop_last else -(-len(indices) // batch_size)
+    workers = min(workers, n_batches) if n_batches > 1 else 0
     loader = DataLoader(
         selection,
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
         collate_fn=_collate,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         drop_last=drop_last,
-        persistent_workers=False,
+        persistent_workers=workers > 0,
     )
-    return Loader(source, selection, loader)
+    return Loader(source, selection, loader, workers)
+
+
+def default_workers() -> int:
+    """The ``--workers`` default: half the CPUs this process may use, at most 8.
+
+    Half, because the main process (and, on a CPU, the forward's own threads) needs the rest;
+    at most 8, because 8 workers already decode and augment faster than one GPU's forward
+    consumes (benchmarks/bench_invariance_workers.py) and each holds a copy of the batches."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    return min(8, cpus // 2)
+
+
+DEFAULT_WORKERS = default_workers()

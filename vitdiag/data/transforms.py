@@ -32,6 +32,30 @@ class EvalTransform:
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self.transform(img)
 
+    def _split(self) -> int:
+        """Where the 8-bit PIL steps (resize, crop) end and the tensor steps begin."""
+        steps = list(getattr(self.transform, "transforms", ()))
+        for k, step in enumerate(steps):
+            if "ToTensor" in type(step).__name__:
+                return k
+        raise ValueError(f"no ToTensor step in {self.transform!r}")
+
+    def crop(self, img: Image.Image) -> Image.Image:
+        """The PIL steps alone: the resized, cropped 8-bit image the model's input is made of.
+
+        ``self.normalise(self.crop(img))`` is exactly ``self(img)``, so augmentations that work
+        on 8-bit images can start from this crop instead of a denormalised tensor."""
+        for step in self.transform.transforms[: self._split()]:
+            img = step(img)
+        return img
+
+    def normalise(self, img: Image.Image) -> torch.Tensor:
+        """The tensor steps alone (to tensor, normalise), applied to an 8-bit PIL image."""
+        x: Any = img
+        for step in self.transform.transforms[self._split() :]:
+            x = step(x)
+        return x
+
     def __repr__(self) -> str:
         return f"EvalTransform(size={self.size}, {self.transform!r})"
 

@@ -285,7 +285,10 @@ class AugmentAuditProbe(Probe):
     def update(self, taps: Taps) -> None:
         images = taps.images.float()
         b, c = images.shape[:2]
-        positions = self._positions(b)
+        # The image's index in its source when the loader gives it (the same whatever the
+        # --limit sample, shard or batch), else its place in the stream.
+        given = taps.indices
+        positions = given.tolist() if given is not None else self._positions(b)
         self.position += b
         if c == 3:
             flat = images.transpose(0, 1).reshape(3, -1)

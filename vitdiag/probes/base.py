@@ -39,6 +39,8 @@ class Taps:
     prelogits: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     context: Any = None  # the engine's RunContext, for probes that run extra forwards
+    indices: torch.Tensor | None = None  # (B,) source indices, when the loader gives them
+    views: dict[str, torch.Tensor] | None = None  # what the loader's workers made (data.Batch)
 
     @property
     def labelled(self) -> torch.Tensor:

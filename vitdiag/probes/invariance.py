@@ -22,8 +22,11 @@ import torch
 from vitdiag.augmentations import (
     AUGMENTATIONS,
     DEFAULT_ALPHA,
+    PIXEL,
     Augmentation,
+    WorkerViews,
     build_augmentation,
+    normalise_uint8,
     parse_alpha,
     parse_augmentations,
 )
@@ -143,6 +146,7 @@ class InvarianceProbe(Probe):
             std=cfg["std"],
             size=tuple(cfg["input_size"][1:]),
             interpolation=cfg["interpolation"],
+            seed=settings.seed,
         )
 
     def __init__(
@@ -156,6 +160,7 @@ class InvarianceProbe(Probe):
         std: Sequence[float] | None = None,
         size: int | tuple[int, int] | None = None,
         interpolation: str | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(views, int) or views < 2:
@@ -183,9 +188,11 @@ class InvarianceProbe(Probe):
         self.std = tuple(std) if std is not None else None
         self.size = size
         self.interpolation = interpolation
+        self.seed = seed
         self.needs = frozenset({PRELOGITS} | ({FEATURES} if embedding != "prelogits" else set()))
         self._augs: list[Augmentation] | None = None
         self._layout: tuple[str, int] | None = None
+        self._in_workers = False  # whether views came from the loader's workers
         self._seen = 0  # images this process has seen: the stream position of the next batch
         for i in range(len(specs)):
             self.add_sum_state(f"sums{i}", (5,))
@@ -217,6 +224,31 @@ class InvarianceProbe(Probe):
         if self.embedding == "cls":
             require_class_token(ctx.model)
 
+    def loader_views(self) -> WorkerViews | None:
+        """The maker of this probe's pixel-space views for the loader's workers (None when the
+        batches' size and normalisation are not known up front). Per-image tensor augmentations
+        (erasing, cutout) and the mixing ones stay here: they run on the device, as timm applies
+        random erasing, and mixing needs a partner from the batch."""
+        if self.size is None or self.mean is None or self.std is None or self.seed is None:
+            return None
+        names = [
+            name
+            for spec, name in zip(self.specs, self.aug_names, strict=True)
+            if isinstance(spec, str) and name in PIXEL
+        ]
+        if not names:
+            return None
+        return WorkerViews(
+            names,
+            views=self.views,
+            seed=self.seed,
+            size=self.size,
+            mean=self.mean,
+            std=self.std,
+            interpolation=self.interpolation or "bicubic",
+            prefix="invariance/",
+        )
+
     def _positions(self, n: int) -> list[int]:
         """Stream positions of this batch, the same whatever the number of processes.
 
@@ -239,7 +271,12 @@ class InvarianceProbe(Probe):
         ctx = taps.context
         images = taps.images
         b, v = images.shape[0], self.views
-        positions = self._positions(b)
+        # Seeds follow the image's index in its source when the loader says it (so views match
+        # the workers' ones), else its place in the stream.
+        indices = getattr(taps, "indices", None)
+        positions = indices.tolist() if indices is not None else self._positions(b)
+        made = getattr(taps, "views", None) or {}
+        seed = ctx.seed if self.seed is None else self.seed
         self._seen += b
         with torch.inference_mode():
             clean = _normalise(embed(self.embedding, taps.features, taps.prelogits, *self._layout))
@@ -248,9 +285,14 @@ class InvarianceProbe(Probe):
                 if aug.mixing and b < 2:
                     sums[_SKIPPED] += b
                     continue
-                batch = torch.cat(
-                    [aug(images, seed=ctx.seed, positions=positions, view=k) for k in range(v)]
-                )
+                key = f"invariance/{aug.name}"
+                if key in made:
+                    batch = self._worker_views(made[key], images)
+                    self._in_workers = True
+                else:
+                    batch = torch.cat(
+                        [aug(images, seed=seed, positions=positions, view=k) for k in range(v)]
+                    )
                 feats, pre, _ = ctx.forward(batch)
                 f = _normalise(embed(self.embedding, feats, pre, *self._layout))
                 f = f.view(v, b, -1)
@@ -262,6 +304,17 @@ class InvarianceProbe(Probe):
                 pair = ((total * total).sum() - (f * f).sum()) / 2
                 sums[_DIV] += pair.cpu()
                 sums[_N_DIV] += b * v * (v - 1) // 2
+
+    def _worker_views(self, views: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """(B, V, C, H, W) from the loader → (V·B, C, H, W) view-major, normalised, on the
+        device of the clean batch."""
+        b, v = views.shape[:2]
+        views = views.to(images.device, non_blocking=True).transpose(0, 1)
+        views = views.reshape(v * b, *views.shape[2:])
+        if views.dtype == torch.uint8:
+            assert self.mean is not None and self.std is not None
+            views = normalise_uint8(views, self.mean, self.std)
+        return views.to(images.dtype)
 
     def compute(self) -> Result:
         metrics: dict[str, float] = {}
@@ -293,10 +346,16 @@ class InvarianceProbe(Probe):
                     "partner, and were left out; use a --batch-size that does not leave a single "
                     "image in the last batch."
                 )
-        notes.append(
-            "pixel-space augmentations run on 8-bit images (denormalise, clamp to [0, 1], round "
-            "to uint8, augment, renormalise) of the eval-preprocessed crop."
-        )
+        if self._in_workers:
+            notes.append(
+                "pixel-space augmentations run on the eval transform's 8-bit crop (resized and "
+                "centre-cropped), in the data loader's worker processes."
+            )
+        else:
+            notes.append(
+                "pixel-space augmentations run on 8-bit images (denormalise, clamp to [0, 1], "
+                "round to uint8, augment, renormalise) of the eval-preprocessed crop."
+            )
         return Result(
             probe="invariance",
             definition=DEFINITION,
@@ -318,7 +377,8 @@ class InvarianceProbe(Probe):
                 "std": list(self.std) if self.std else None,
                 "size": list(self.size) if isinstance(self.size, tuple) else self.size,
                 "interpolation": self.interpolation,
-                "seeding": "view v of the image at stream position p: Python, NumPy and torch "
-                "seeded with vitdiag.augmentations.view_seed(seed, augmentation, p, v)",
+                "seeding": "view v of the image with index p in its source (its stream position "
+                "for batches without indices): Python, NumPy and torch seeded with "
+                "vitdiag.augmentations.view_seed(seed, augmentation, p, v)",
             },
         )
