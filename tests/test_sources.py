@@ -269,3 +269,16 @@ def _fixture(name: str):
     from pathlib import Path
 
     return Path(__file__).resolve().parents[1] / "fixtures" / "models" / name
+
+
+def test_pretrained_tag_loads_its_hub_copy_from_the_cache(offline_cache, tmp_path):
+    from conftest import save_tiny_vit
+
+    # A tiny stand-in under the tag's real hub repo (the real weights are ~40 MB); its head has
+    # the tag's 21843 classes so that config and weights agree as in the real repo.
+    folder = save_tiny_vit(tmp_path / "tag", num_classes=21843)
+    _cache_repo(offline_cache, "timm/vit_tiny_patch16_224.augreg_in21k", _saved_files(folder))
+    loaded = vitdiag.load("vit_tiny_patch16_224.augreg_in21k")
+    assert loaded.arch == "vit_tiny_patch16_224" and loaded.num_classes == 21843
+    assert loaded.provenance["hub"]["repo_id"] == "timm/vit_tiny_patch16_224.augreg_in21k"
+    assert loaded.provenance["path"] == "vit_tiny_patch16_224.augreg_in21k"
