@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -563,3 +564,69 @@ def test_per_class_subsample_takes_n_of_each_class_and_is_seeded():
     assert sorted(shards[0] + shards[1]) == sorted(picked)
     with pytest.raises(VitdiagError, match="labelled"):
         select_indices(5, per_class=2)
+
+
+# -- the eval transform's 8-bit crop, views from workers, worker pools ----------------------
+
+
+@pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
+def test_crop_then_normalise_is_the_eval_transform_bit_for_bit(tmp_path, crop_mode):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (53, 71, 3), dtype=np.uint8), "RGB")
+    t = eval_transform(CFG, 32, crop_mode=crop_mode)
+    crop = t.crop(img)
+    assert isinstance(crop, Image.Image) and crop.size == (32, 32) and crop.mode == "RGB"
+    assert torch.equal(t.normalise(crop), t(img))
+
+
+def _pid_views(image, crop, clean, index):
+    """A view maker that says which process made it, and what it was given."""
+    return {
+        "pid": torch.tensor(os.getpid()),
+        "index": torch.tensor(index),
+        "crop_side": torch.tensor(crop.size[0] if crop is not None else -1),
+        "clean": clean.clone(),
+    }
+
+
+def test_views_come_from_the_workers_beside_the_clean_batch(tmp_path):
+    root = tmp_path / "d"
+    for i in range(6):
+        _save(root / f"c{i % 2}" / f"{i}.png", color=(10 * i, 20, 30))
+    t = eval_transform(CFG, 16)
+    loader = make_loader(open_dataset(str(root)), t, batch_size=2, workers=2, views=_pid_views)
+    assert loader.workers == 2
+    first = [(b.views["pid"].tolist(), b.indices.tolist()) for b in loader]
+    for batch in loader:
+        assert torch.equal(batch.views["index"], batch.indices)
+        assert torch.equal(batch.views["clean"], batch.images)  # the crop made the clean input
+        assert batch.views["crop_side"].tolist() == [16] * len(batch.indices)
+    pids = {p for ps, _ in first for p in ps}
+    assert os.getpid() not in pids and len(pids) == 2
+    # persistent: a second pass over the same loader is served by the same worker processes
+    again = {p for b in loader for p in b.views["pid"].tolist()}
+    assert again == pids
+
+
+def test_workers_are_not_started_where_nothing_can_overlap(tmp_path):
+    root = tmp_path / "d"
+    for i in range(6):
+        _save(root / f"c{i % 2}" / f"{i}.png")
+    source = open_dataset(str(root))
+    t = eval_transform(CFG, 16)
+    assert make_loader(source, t, batch_size=8, workers=4).workers == 0  # one batch
+    assert make_loader(source, t, batch_size=3, workers=4).workers == 2  # two batches
+    assert make_loader(source, t, batch_size=1, workers=4).workers == 4
+    loader = make_loader(source, t, batch_size=3, workers=0, views=_pid_views)
+    assert {p for b in loader for p in b.views["pid"].tolist()} == {os.getpid()}
+    assert make_loader(source, t, pin_memory=False)._loader.pin_memory is False
+
+
+def test_default_workers_is_half_the_usable_cpus_at_most_8():
+    from vitdiag.hardware import default_workers, usable_cpus
+    from vitdiag.runner import Settings
+
+    assert default_workers() == min(8, usable_cpus() // 2)
+    assert Settings().workers == default_workers()

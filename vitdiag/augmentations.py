@@ -4,8 +4,9 @@ Every augmentation maps a batch of *normalised* images (the engine's batch: the 
 transform, normalised with the model's mean/std) to one augmented view of the same shape.
 
 Seeding contract (what makes a run reproducible and, for per-image augmentations, independent
-of the batch size): view ``v`` of the image at stream position ``p`` (its place in the loader's
-order, counted across batches) is what the underlying timm/torchvision transform produces when
+of the batch size, the worker count and the number of processes): view ``v`` of the image with
+index ``p`` in its source (for plain tensor batches, which carry no index, its place in the
+stream, counted across batches) is what the underlying timm/torchvision transform produces when
 Python's ``random``, NumPy's global generator and torch's generator (CPU, and the data's CUDA
 device) are all seeded with ``view_seed(seed, name, p, v)`` just before it runs. The global
 generators are restored afterwards, so nothing outside sees the reseeding.
@@ -15,13 +16,16 @@ per-image rule, but the partner comes from the same batch by a seeded permutatio
 cyclic order, so no image is its own partner), and the batch's composition depends on the batch
 size. A batch with a single image has no partner; the probe skips it and says so.
 
-Pixel-space augmentations (RandAugment, AutoAugment, TrivialAugment, colour jitter,
-random-resized-crop) work on 8-bit PIL images, as in a timm training pipeline. The round trip is:
-denormalise (x·std + mean), clamp to [0, 1], round to uint8, apply, divide by 255, renormalise.
-Two consequences worth knowing: values outside [0, 1] are clipped (synthetic N(0, 1) data is
-mostly outside), and even an identity transform moves each value by up to 0.5/255/std through
-the quantisation. They act on the eval-preprocessed image (resized and centre-cropped at the
-model's size), not on the original file, so random-resized-crop crops from the centre crop.
+Pixel-space augmentations (``PIXEL``: RandAugment, AutoAugment, TrivialAugment, colour jitter,
+random-resized-crop) work on 8-bit PIL images, as in a timm training pipeline. They act on the
+eval transform's 8-bit crop (resized and centre-cropped at the model's size, before ToTensor and
+Normalize), so random-resized-crop crops from the centre crop. Through `vitdiag.data` loaders
+they are made in the DataLoader workers (`WorkerViews`), straight from that crop, and handed
+over as uint8. Given normalised tensors instead (`Augmentation.__call__`), they go through a
+round trip: denormalise (x·std + mean), clamp to [0, 1], round to uint8, apply, divide by 255,
+renormalise. For real images that is exact (the crop's own 8-bit values come back); synthetic
+N(0, 1) data, mostly outside [0, 1], is clipped. Erasing and cutout work on the normalised
+tensor, on the device, as timm applies random erasing.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ from typing import Annotated
 
 import typer
 
+# --workers' default: half the usable CPUs, at most 8 (see vitdiag.hardware).
+from vitdiag.hardware import DEFAULT_WORKERS as DEFAULT_WORKERS
+
 MODEL, DATA, RUNTIME, OUTPUT = "Model", "Data", "Runtime", "Output"
 
 Checkpoint = Annotated[
@@ -75,7 +78,13 @@ BatchSize = Annotated[
     int, typer.Option("--batch-size", help="Images per forward pass.", rich_help_panel=DATA)
 ]
 Workers = Annotated[
-    int, typer.Option("--workers", help="Data-loading worker processes.", rich_help_panel=DATA)
+    int,
+    typer.Option(
+        "--workers",
+        help="Processes that decode and augment images while the model runs (0: in this "
+        "process). Default: half the CPUs, at most 8.",
+        rich_help_panel=DATA,
+    ),
 ]
 Seed = Annotated[
     int,

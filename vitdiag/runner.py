@@ -63,7 +63,7 @@ class Settings:
 
 
 def _default_workers() -> int:
-    from vitdiag.data import DEFAULT_WORKERS
+    from vitdiag.hardware import DEFAULT_WORKERS
 
     return DEFAULT_WORKERS
 

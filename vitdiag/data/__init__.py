@@ -29,11 +29,9 @@ Policies worth knowing:
 """
 
 from vitdiag.data.loader import (
-    DEFAULT_WORKERS,
     Batch,
     Loader,
     ViewMaker,
-    default_workers,
     make_loader,
     merged_views,
     select_indices,
@@ -47,6 +45,7 @@ from vitdiag.data.sources import (
     to_rgb,
 )
 from vitdiag.data.transforms import EvalTransform, eval_transform
+from vitdiag.hardware import DEFAULT_WORKERS, default_workers
 
 __all__ = [
     "DEFAULT_WORKERS",

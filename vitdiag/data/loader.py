@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -285,19 +284,3 @@ def make_loader(
         persistent_workers=workers > 0,
     )
     return Loader(source, selection, loader, workers)
-
-
-def default_workers() -> int:
-    """The ``--workers`` default: half the CPUs this process may use, at most 8.
-
-    Half, because the main process (and, on a CPU, the forward's own threads) needs the rest;
-    at most 8, because 8 workers already decode and augment faster than one GPU's forward
-    consumes (benchmarks/bench_invariance_workers.py) and each holds a copy of the batches."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cpus = os.cpu_count() or 1
-    return min(8, cpus // 2)
-
-
-DEFAULT_WORKERS = default_workers()

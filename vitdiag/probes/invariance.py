@@ -9,7 +9,8 @@ final-norm grid tokens). For each image x and V ≥ 2 independent views t_v(x):
 The clean embedding is the engine's shared forward; the V views of one augmentation go through
 one extra forward (V·B images). Per augmentation the probe keeps four float64 sums (Σ cos
 clean↔view, their count, Σ cos view↔view, their count) and a count of images skipped, so runs
-on several processes add up. How views are seeded is described in `vitdiag.augmentations`.
+on several processes add up. How views are seeded is described in `vitdiag.augmentations`;
+pixel-space views are made by the loader's workers (`loader_views`), the others here.
 """
 
 from __future__ import annotations
