@@ -361,8 +361,8 @@ def test_original_dinov2_tokens_match(tmp_path, registers):
 
 
 def test_detect_names_unsupported_model_type_and_supported_ones():
-    with pytest.raises(VitdiagError, match="model_type 'swin'.*dinov2_with_registers"):
-        detect({"model_type": "swin"}, [])
+    with pytest.raises(VitdiagError, match="model_type 'mobilevit'.*dinov2_with_registers"):
+        detect({"model_type": "mobilevit"}, [])
 
 
 def test_detect_leaves_timm_checkpoints_alone():

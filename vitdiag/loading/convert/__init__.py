@@ -9,6 +9,7 @@ common        the result types and the helpers every converter shares
 transformers  ViT, DeiT, DINOv2, CLIP and SigLIP saved by transformers, and their preprocessing
 open_clip     open_clip image towers (`visual.*`, `visual.trunk.*`)
 dinov2        the original DINOv2 layout, which transformers DINOv2 is renamed to
+relpos        BEiT and Swin saved by transformers (relative-position bias tables)
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from vitdiag.errors import VitdiagError
 from vitdiag.loading.convert.common import Assumption, Converted, _check_loadable
 from vitdiag.loading.convert.dinov2 import _convert_dinov2_original
 from vitdiag.loading.convert.open_clip import _convert_open_clip
+from vitdiag.loading.convert.relpos import (
+    _convert_hf_beit,
+    _convert_hf_swin,
+    _relpos_data_config,
+)
 from vitdiag.loading.convert.transformers import (
     _convert_hf_clip,
     _convert_hf_dinov2,
@@ -40,6 +46,8 @@ KINDS = (
     "transformers:dinov2_with_registers",
     "transformers:clip",
     "transformers:siglip",
+    "transformers:beit",
+    "transformers:swin",
     "open_clip",
     "dinov2_original",
 )
@@ -55,6 +63,8 @@ _MODEL_TYPES = {
     "clip_vision_model": "transformers:clip",
     "siglip": "transformers:siglip",
     "siglip_vision_model": "transformers:siglip",
+    "beit": "transformers:beit",
+    "swin": "transformers:swin",
 }
 
 
@@ -112,6 +122,8 @@ def convert(
         "transformers:dinov2_with_registers": _convert_hf_dinov2,
         "transformers:clip": _convert_hf_clip,
         "transformers:siglip": _convert_hf_siglip,
+        "transformers:beit": _convert_hf_beit,
+        "transformers:swin": _convert_hf_swin,
         "open_clip": _convert_open_clip,
         "dinov2_original": _convert_dinov2_original,
     }
@@ -119,6 +131,8 @@ def convert(
         raise VitdiagError(f"unknown checkpoint kind {kind!r}; expected one of {', '.join(KINDS)}.")
     out = converters[kind](kind, dict(config or {}), dict(state_dict))
     if kind.startswith("transformers:"):
-        out.data_config = _hf_data_config(kind, preprocessor, out.model_args, out.assumptions)
+        relpos = kind in ("transformers:beit", "transformers:swin")
+        data_config = _relpos_data_config if relpos else _hf_data_config
+        out.data_config = data_config(kind, preprocessor, out.model_args, out.assumptions)
     _check_loadable(kind, out)
     return out
