@@ -14,12 +14,13 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vitdiag.errors import VitdiagError
-from vitdiag.results import Result, document, jsonable
+from vitdiag.results import Result, document, dumps, json_to_stdout, jsonable, write_json_text
 
 
 def fmt(value: Any) -> str:
@@ -85,6 +86,110 @@ def print_summary(con: Any, entries: list[Entry], data: dict) -> None:
         for probe, why in e.results.skipped.items():
             prefix = f"{e.label}: " if len(entries) > 1 else ""
             con.print(f"note: {prefix}{probe} not run: {why}")
+
+
+def console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, soft_wrap=False)
+
+
+def emit(
+    command: str,
+    results: list,
+    *,
+    loaded=None,
+    data: dict | None = None,
+    json_path: Path | None = None,
+    run: dict | None = None,
+    shown: list | None = None,
+    then: Callable[[Any], None] | None = None,
+) -> None:
+    """Print the tables for people and, if asked, write the JSON document (rank 0 only).
+
+    shown: the results printed, when they differ from those written (several checkpoints in
+    one table); then: more output for people after the tables, given the console."""
+    from vitdiag.engine import is_main_process
+
+    if not is_main_process():
+        return
+    out = console(stderr=json_to_stdout(json_path))
+    render(results if shown is None else shown, out, loaded=loaded, data=data)
+    if then is not None:
+        then(out)
+    if json_path is None:
+        return
+    from vitdiag.model import describe
+
+    doc = document(command, results, describe(loaded) if loaded is not None else None, data)
+    if run:
+        doc["run"] = run
+    write_json_text(dumps(doc), json_path)
+
+
+def side_by_side(labelled: list[tuple[str, Result]]) -> Result:
+    """Several checkpoints' similarity curves in one table: layer and value per depth."""
+    from vitdiag.results import Table
+
+    results = [r for _, r in labelled]
+    rows = []
+    for i in range(max(len(r.extra["layers"]) for r in results)):
+        row: list = [i]
+        for r in results:
+            lay, vals = r.extra["layers"], r.extra["mean"]
+            row += [lay[i], vals[i]] if i < len(lay) else [None, None]
+        rows.append(row)
+    cols = ["index"] + [c for label, _ in labelled for c in (label, "P")]
+    table = Table("Comparison", cols, rows)
+    return Result("similarity.compare", results[0].definition, tables=[table])
+
+
+def stacked(results: list[Result], labels: list[str]) -> list[Result]:
+    """Several checkpoints' invariance tables as one, a `checkpoint` column first."""
+    from vitdiag.results import Table
+
+    first = results[0].tables[0]
+    rows = [
+        [label, *row] for label, r in zip(labels, results, strict=True) for row in r.tables[0].rows
+    ]
+    notes = list(dict.fromkeys(n for r in results for n in r.notes))
+    table = Table(first.title, ["checkpoint", *first.columns], rows)
+    return [Result("invariance", results[0].definition, tables=[table], notes=notes)]
+
+
+def render_model(loaded: Any, out: Any) -> None:
+    """`vitdiag info`'s tables: what the model is, and every assumption with its override."""
+    from rich.table import Table as RichTable
+
+    from vitdiag.families import has_abs_pos_table
+
+    t = RichTable(title="Model", show_header=False, title_justify="left")
+    t.add_column("field")
+    t.add_column("value")
+    prov = loaded.provenance
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    rows = [
+        ("source", str(prov.get("path") or "(random weights)")),
+        ("format", str(prov.get("format", "–"))),
+        ("sha256", str(prov.get("sha256") or "–")),
+        ("architecture", loaded.arch),
+        ("family", loaded.family.label),
+        ("decided by", str(prov.get("decided_by", "–"))),
+        ("classes", str(loaded.num_classes)),
+        ("parameters", f"{n_params:,}"),
+        ("native size", "x".join(map(str, loaded.native_size))),
+        ("built at", "x".join(map(str, loaded.img_size))),
+        ("absolute position table", "yes" if has_abs_pos_table(loaded.model) else "no"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    out.print(t)
+    a = RichTable(title="Assumptions", title_justify="left")
+    for col in ("what", "value", "decided from", "override with"):
+        a.add_column(col)
+    for item in loaded.assumptions:
+        a.add_row(item.name, str(item.value), item.source, item.override)
+    out.print(a)
 
 
 # -- a report: one entry per checkpoint ----------------------------------------------------------

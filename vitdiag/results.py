@@ -90,3 +90,18 @@ def document(command: str, results: list[Result], model: dict | None, data: dict
 
 def dumps(doc: dict) -> str:
     return json.dumps(doc, indent=2, sort_keys=False) + "\n"
+
+
+def json_to_stdout(json_path: Path | str | None) -> bool:
+    """`--json -` sends the document to stdout; the tables for people then go to stderr."""
+    return json_path is not None and str(json_path) == "-"
+
+
+def write_json_text(text: str, json_path: Path | str) -> None:
+    """The JSON document to stdout (`-`) or to a file, written atomically."""
+    import sys
+
+    if json_to_stdout(json_path):
+        sys.stdout.write(text)
+    else:
+        write_atomic(Path(json_path), text.encode())

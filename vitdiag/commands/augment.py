@@ -8,16 +8,7 @@ from typing import Annotated
 import typer
 
 from vitdiag import options as o
-from vitdiag.commands.common import (
-    DataOptions,
-    Output,
-    check_outputs,
-    check_ranges,
-    emit,
-    load_model,
-    open_data,
-    parse_floats,
-)
+from vitdiag.commands.common import Shared, shared
 
 Ckpt = Annotated[
     str | None,
@@ -46,6 +37,10 @@ AuditSize = Annotated[
 ]
 
 
+OPTIONS = ("model", "limit", "batch_size", "workers", "seed", "strict", "interpolation")
+
+
+@shared(*OPTIONS, "crop_pct", "device", "json_out", "quiet")
 def augment(
     data: o.Data = None,
     ckpt: Ckpt = None,
@@ -57,21 +52,7 @@ def augment(
     mean: o.Mean = None,
     std: o.Std = None,
     size: AuditSize = None,
-    arch: o.Arch = None,
-    ema: o.Ema = False,
-    unsafe_pickle: o.UnsafePickle = False,
-    model_arg: o.ModelArg = None,
-    native_size: o.NativeSize = None,
-    limit: o.Limit = None,
-    batch_size: o.BatchSize = 64,
-    workers: o.Workers = 0,
-    seed: o.Seed = 0,
-    strict: o.Strict = False,
-    interpolation: o.Interpolation = None,
-    crop_pct: o.CropPct = None,
-    device: o.Device = "auto",
-    json_out: o.JsonOut = None,
-    quiet: o.Quiet = False,
+    c: Shared = None,
 ) -> None:
     """Variance of Mixup / CutMix / random-erasing batches against clean ones, the data's
     mean/std after normalisation, and the paper's guideline flags (arXiv 2405.14115)."""
@@ -85,12 +66,13 @@ def augment(
         resolve_config,
         specs_for,
     )
+    from vitdiag.report import emit
     from vitdiag.runner import run_pass, transform_at
+    from vitdiag.validation import Output, check_outputs, check_ranges, parse_floats
 
-    check_ranges(mixup=mixup, cutmix=cutmix, reprob=reprob, size=size, native_size=native_size)
-    checked = DataOptions(data, limit, batch_size, workers, seed, strict, mean, std, None, crop_pct)
-    checked.validate()
-    check_outputs([Output("--json", json_out)], [ckpt, data, train_args])
+    check_ranges(mixup=mixup, cutmix=cutmix, reprob=reprob, size=size, native_size=c.native_size)
+    c.validate()
+    check_outputs([Output("--json", c.json_out)], [ckpt, data, train_args])
     found_beside = False
     if train_args is None and ckpt is not None:
         # timm's train.py writes args.yaml beside its checkpoints: the recipe travels with them
@@ -107,26 +89,14 @@ def augment(
         mean=parse_floats(mean, "--mean"),
         std=parse_floats(std, "--std"),
     )
-    loaded = None
-    if ckpt is not None or arch is not None:
-        loaded = load_model(
-            ckpt,
-            arch,
-            ema=ema,
-            unsafe_pickle=unsafe_pickle,
-            model_arg=model_arg,
-            native_size=native_size,
-        )
-    opts = DataOptions(data, limit, batch_size, workers, seed, strict, None, None, None, crop_pct)
-    source = open_data(opts)
+    loaded = c.load(ckpt)[0] if ckpt is not None or c.arch is not None else None
+    source = c.open()
     data_config = dict(loaded.data_config) if loaded is not None else {}
     img_size = size or (tuple(loaded.img_size) if loaded is not None else 224)
     # The recipe's normalisation (args.yaml, --mean/--std), not the checkpoint's.
-    settings = opts.settings(
-        mean=cfg.mean, std=cfg.std, interpolation=interpolation, device=device, quiet=quiet
-    )
+    settings = c.settings(mean=cfg.mean, std=cfg.std)
     transform = transform_at(data_config, settings, img_size)
-    dev = resolve_device(device)
+    dev = resolve_device(c.device)
     patch_model = None
     if loaded is not None:
         if loaded.img_size != transform.size:
@@ -141,7 +111,7 @@ def augment(
         device=dev,
         patch_model=patch_model,
         patch=patch_size_of(loaded.model) if loaded is not None else 16,
-        seed=seed,
+        seed=c.seed,
     )
     # The network is not run: the probe reads the batches (and the patch embedding) itself.
     done = run_pass(
@@ -177,4 +147,4 @@ def augment(
     }
     result.notes.extend(done.notes)
     run = {"seconds": done.summary.seconds}
-    emit("augment", [result], loaded=loaded, data=done.data, json_path=json_out, run=run)
+    emit("augment", [result], loaded=loaded, data=done.data, json_path=c.json_out, run=run)

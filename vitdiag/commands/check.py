@@ -12,8 +12,10 @@ from typing import Annotated
 import typer
 
 from vitdiag import options as o
+from vitdiag.commands.common import Shared, shared
 
 
+@shared("model", "runtime")
 def check(
     ckpt: o.Checkpoint = None,
     config: Annotated[
@@ -37,39 +39,24 @@ def check(
     limit: Annotated[
         int | None, typer.Option("--limit", help="Override the config's limit.")
     ] = None,
-    arch: o.Arch = None,
-    ema: o.Ema = False,
-    unsafe_pickle: o.UnsafePickle = False,
-    model_arg: o.ModelArg = None,
-    native_size: o.NativeSize = None,
-    device: o.Device = "auto",
-    amp: o.Amp = "off",
-    channels_last: o.ChannelsLast = False,
-    json_out: o.JsonOut = None,
-    quiet: o.Quiet = False,
+    c: Shared = None,
 ) -> None:
     """Check a checkpoint against thresholds such as "collapse.nc1 < 0.5" (exit 1 on failure)."""
     from vitdiag.check import find_config, judge, junit_xml, load_config, render_outcomes
     from vitdiag.errors import CheckFailed, VitdiagError
+    from vitdiag.validation import Output, check_invariance_options, check_outputs, check_ranges
 
     cfg = load_config(config if config is not None else find_config())
     data = data or cfg.data
     train = train or cfg.train
-    from vitdiag.commands.common import (
-        Output,
-        check_invariance_options,
-        check_outputs,
-        check_ranges,
-    )
-
-    check_ranges(limit=limit, native_size=native_size)
+    check_ranges(limit=limit, native_size=c.native_size)
     if "invariance" in cfg.probes:
         try:
             check_invariance_options(cfg.aug, cfg.views, cfg.embedding)
         except VitdiagError as e:
             raise VitdiagError(f"{cfg.path}: {e}") from None
     check_outputs(
-        [Output("--json", json_out), Output("--junit", junit)], [ckpt, cfg.path, data, train]
+        [Output("--json", c.json_out), Output("--junit", junit)], [ckpt, cfg.path, data, train]
     )
     needs_data = cfg.probes - {"classifier"}
     if needs_data and data is None and train is None:
@@ -78,10 +65,17 @@ def check(
             'data = "path/to/val" (and optionally train = "path/to/train") or pass --data.'
         )
 
-    from vitdiag.commands.common import console, json_to_stdout, load_model, write_json_text
     from vitdiag.engine import is_main_process
     from vitdiag.model import describe
-    from vitdiag.results import document, dumps, jsonable, write_atomic
+    from vitdiag.report import console
+    from vitdiag.results import (
+        document,
+        dumps,
+        json_to_stdout,
+        jsonable,
+        write_atomic,
+        write_json_text,
+    )
     from vitdiag.runner import Settings, run_all
 
     settings = Settings(
@@ -90,24 +84,17 @@ def check(
         limit=limit or cfg.limit,
         seed=cfg.seed,
         per_class=cfg.per_class,
-        device=device,
-        amp=amp,
-        channels_last=channels_last,
-        quiet=quiet,
+        device=c.device,
+        amp=c.amp,
+        channels_last=c.channels_last,
+        quiet=c.quiet,
         aug=cfg.aug,
         views=cfg.views,
         embedding=cfg.embedding,
         pairs=cfg.pairs,
         nc4_budget=cfg.nc4_budget,
     )
-    loaded = load_model(
-        ckpt,
-        arch,
-        ema=ema,
-        unsafe_pickle=unsafe_pickle,
-        model_arg=model_arg,
-        native_size=native_size,
-    )
+    loaded, _ = c.load(ckpt)
     # `train` feeds the training-split probes; `data` is then the held-out split.
     source, val_source = (train, data) if train is not None else (data, None)
     results = run_all(
@@ -121,8 +108,9 @@ def check(
     outcomes = judge(cfg.checks, results)
     failed = [x for x in outcomes if not x.passed]
     if is_main_process():
+        json_out = c.json_out
         to_stdout = json_to_stdout(json_out)
-        label = Path(ckpt).name if ckpt else f"{arch} (random)"
+        label = Path(ckpt).name if ckpt else f"{c.arch} (random)"
         render_outcomes(outcomes, console(stderr=to_stdout), title=f"vitdiag check — {label}")
         if junit is not None:
             model = describe(loaded)

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from vitdiag import options as o
-from vitdiag.commands.common import (
-    DataOptions,
-    ModelOptions,
-    Output,
-    check_outputs,
-    check_ranges,
-    emit,
-    load_at,
-    open_data,
-)
+from vitdiag.commands.common import Shared, shared
 from vitdiag.errors import VitdiagError
 
 
+@shared("model", "images", "interpolation", "crop_pct", "runtime")
 def collapse(
     ckpt: o.Checkpoint = None,
     data: Annotated[
@@ -46,60 +37,34 @@ def collapse(
     plots: Annotated[
         Path | None, typer.Option("--plots", help="Folder for reliability/mixup PNGs.")
     ] = None,
-    arch: o.Arch = None,
-    ema: o.Ema = False,
-    unsafe_pickle: o.UnsafePickle = False,
-    model_arg: o.ModelArg = None,
-    native_size: o.NativeSize = None,
-    limit: o.Limit = None,
-    batch_size: o.BatchSize = 64,
-    workers: o.Workers = 0,
-    seed: o.Seed = 0,
-    strict: o.Strict = False,
-    mean: o.Mean = None,
-    std: o.Std = None,
-    interpolation: o.Interpolation = None,
-    crop_pct: o.CropPct = None,
-    device: o.Device = "auto",
-    amp: o.Amp = "off",
-    channels_last: o.ChannelsLast = False,
-    json_out: o.JsonOut = None,
-    quiet: o.Quiet = False,
+    c: Shared = None,
 ) -> None:
     """Neural collapse (NC1-NC4), classifier ETF geometry, mixup geometry and calibration."""
     from vitdiag.plots import plot_mixup_geometry, plot_reliability
+    from vitdiag.report import emit
     from vitdiag.runner import require, run_all
+    from vitdiag.validation import Output, check_outputs, check_ranges
 
     if mixup_geometry and data is None:
         raise VitdiagError("--mixup-geometry needs training images: add --data TRAIN_DIR.")
-    check_ranges(pairs=pairs, nc4_budget=budget, per_class=per_class, native_size=native_size)
-    opts = DataOptions(
-        data, limit, batch_size, workers, seed, strict, mean, std, interpolation, crop_pct
-    )
-    opts.validate()
+    check_ranges(pairs=pairs, nc4_budget=budget, per_class=per_class, native_size=c.native_size)
+    c.validate()
     check_outputs(
-        [Output("--json", json_out), Output("--plots", plots, folder=True)], [ckpt, data, val]
+        [Output("--json", c.json_out), Output("--plots", plots, folder=True)], [ckpt, data, val]
     )
-    loaded, _ = load_at(ckpt, ModelOptions(arch, ema, unsafe_pickle, model_arg, native_size))
+    loaded, _ = c.load(ckpt)
     require(loaded, ["classifier"])  # every probe here reads the classifier head
     train_probes = ["collapse", "mixup_geometry"] if mixup_geometry else ["collapse"]
     wanted, sources = ["classifier"], {}
     for path, names in ((data, train_probes), (val, ["calibration"])):
         if path is not None:
-            source = open_data(dataclasses.replace(opts, data=path))
+            source = c.open(path)
             if not source.labelled:
                 raise VitdiagError(f"{path} has no labels; {names[0]} needs class sub-folders.")
             sources[names[0]] = source
             wanted += names
-    settings = opts.settings(
-        per_class=per_class,
-        nc4_budget=budget,
-        pairs=pairs,
-        train_mode=train_mode,
-        device=device,
-        amp=amp,
-        channels_last=channels_last,
-        quiet=quiet,
+    settings = c.settings(
+        per_class=per_class, nc4_budget=budget, pairs=pairs, train_mode=train_mode
     )
     results = run_all(
         loaded,
@@ -119,4 +84,4 @@ def collapse(
                 plot_reliability(r, plots / "reliability.png")
             elif r.probe == "mixup_geometry":
                 plot_mixup_geometry(r, plots / "mixup_geometry.png")
-    emit("collapse", results, loaded=loaded, data=data_desc or None, json_path=json_out)
+    emit("collapse", results, loaded=loaded, data=data_desc or None, json_path=c.json_out)

@@ -1,242 +1,93 @@
-"""The steps every command shares: load the model, open the data, run the pass, print and save."""
+"""The options every command shares, declared once.
+
+`@shared("model", "size", "data", ...)` puts them into a command's signature (the same names,
+types, help panels and order as when each command spelled them out) and hands the command one
+`Shared` value instead. Checks live in `vitdiag.validation`, output in `vitdiag.report`.
+"""
 
 from __future__ import annotations
 
-import math
-import os
-import sys
-from collections.abc import Callable, Iterable
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import typer
+
+from vitdiag import options as o
 from vitdiag.errors import VitdiagError
+from vitdiag.validation import check_ranges, parse_model_args, parse_norm
 
+ImageInterpolation = Annotated[
+    str | None,
+    typer.Option("--image-interpolation", help="Image resize interpolation (default: model's)."),
+]
 
-def parse_floats(text: str | None, option: str, n: int = 3) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(float(v) for v in text.replace(" ", "").split(","))
-    except ValueError:
-        raise VitdiagError(
-            f"{option} {text!r} is not a list of numbers; write e.g. 0.5,0.5,0.5."
-        ) from None
-    if len(values) == 1:
-        values = values * n
-    if len(values) != n:
-        raise VitdiagError(f"{option} needs 1 or {n} comma-separated numbers, got {len(values)}.")
-    if not all(math.isfinite(v) for v in values):
-        raise VitdiagError(f"{option} {text!r} must be finite numbers; write e.g. 0.5,0.5,0.5.")
-    return values
-
-
-def parse_norm(
-    mean: str | None, std: str | None
-) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
-    """--mean and --std checked together: finite, and std strictly positive (it divides)."""
-    m, s = parse_floats(mean, "--mean"), parse_floats(std, "--std")
-    if s is not None and not all(v > 0 for v in s):
-        raise VitdiagError(f"--std {std!r} must be positive numbers; write e.g. 0.229,0.224,0.225.")
-    return m, s
-
-
-# -- option ranges ----------------------------------------------------------------------------
-
-# option -> (test, what a valid value is). Checked before anything is loaded, because a value
-# out of range either fails deep inside a pass or, worse, silently changes the numbers
-# (--crop-pct 0 used to fall back to the model's default).
-_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "--crop-pct": (lambda v: 0 < v <= 1, "a fraction in (0, 1], e.g. 0.875 or 1 for no crop"),
-    "--size": (lambda v: v > 0, "a positive number of pixels, e.g. 224"),
-    "--native-size": (lambda v: v > 0, "a positive number of pixels, e.g. 224"),
-    "--limit": (lambda v: v >= 1, "at least 1 (or leave it out for every image)"),
-    "--batch-size": (lambda v: v >= 1, "at least 1, e.g. 64"),
-    "--workers": (lambda v: v >= 0, "0 (load in this process) or more"),
-    "--seed": (lambda v: 0 <= v < 2**63, "an integer from 0 to 2^63-1"),
-    "--views": (lambda v: v >= 2, "at least 2 (Ldiv compares views with each other)"),
-    "--pairs": (lambda v: v >= 1, "at least 1, e.g. 64"),
-    "--per-class": (lambda v: v >= 1, "at least 1 (or leave it out for every image)"),
-    "--nc4-budget": (lambda v: v >= 1, "at least 1, e.g. 10000"),
-    "--bins": (lambda v: v >= 1, "at least 1, e.g. 15"),
-    "--mixup": (lambda v: v >= 0, "0 (off) or a positive Beta α, e.g. 0.8"),
-    "--cutmix": (lambda v: v >= 0, "0 (off) or a positive Beta α, e.g. 1.0"),
-    "--reprob": (lambda v: 0 <= v <= 1, "a probability in [0, 1], e.g. 0.25"),
+# parameter name -> (option type, default); the field of `Shared` it fills is the same name,
+# except --image-interpolation (variance, fix-posembed), which is the image `interpolation`
+_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "data": (o.Data, None),
+    "arch": (o.Arch, None),
+    "ema": (o.Ema, False),
+    "unsafe_pickle": (o.UnsafePickle, False),
+    "model_arg": (o.ModelArg, None),
+    "native_size": (o.NativeSize, None),
+    "size": (o.Size, None),
+    "limit": (o.Limit, None),
+    "batch_size": (o.BatchSize, 64),
+    "workers": (o.Workers, o.DEFAULT_WORKERS),
+    "seed": (o.Seed, 0),
+    "strict": (o.Strict, False),
+    "mean": (o.Mean, None),
+    "std": (o.Std, None),
+    "interpolation": (o.Interpolation, None),
+    "image_interpolation": (ImageInterpolation, None),
+    "crop_pct": (o.CropPct, None),
+    "device": (o.Device, "auto"),
+    "amp": (o.Amp, "off"),
+    "channels_last": (o.ChannelsLast, False),
+    "json_out": (o.JsonOut, None),
+    "quiet": (o.Quiet, False),
 }
-
-
-def check_ranges(**values: Any) -> None:
-    """Each option in its range, e.g. ``check_ranges(crop_pct=..., limit=...)``; None = not given.
-
-    Keyword names are the option names without dashes (crop_pct → --crop-pct).
-    """
-    for key, value in values.items():
-        if value is None:
-            continue
-        option = "--" + key.replace("_", "-")
-        ok, want = _RANGES[option]
-        if isinstance(value, float) and not math.isfinite(value) or not ok(value):
-            raise VitdiagError(f"{option} must be {want}, got {value}.")
-
-
-# -- output paths -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Output:
-    """A path a command will write. folder: a directory is written (else one file).
-    replace: for folders, what may already be there without --force: "keep" (files are added
-    to it), "empty" (an empty folder), "new" (nothing)."""
-
-    option: str
-    path: Path | str | None
-    folder: bool = False
-    replace: str = "keep"
-
-
-def _resolved(p: Path | str) -> Path:
-    return Path(p).expanduser().resolve()
-
-
-def _existing_ancestor(p: Path) -> Path:
-    while not p.exists() and not p.is_symlink() and p != p.parent:
-        p = p.parent
-    return p
-
-
-def check_outputs(
-    outputs: Iterable[Output], inputs: Iterable[Path | str | None] = (), *, force: bool = False
-) -> None:
-    """Refuse, before any work, every output path that cannot be written as asked.
-
-    A file must not be an existing folder, a folder not an existing file; the nearest existing
-    parent must be a writable folder (missing ones are created); no output may be an input (the
-    checkpoint, the data, a config) or hold one, and no two outputs may be the same path.
-    `inputs` that are not paths on disk (synthetic:16, torch/NAME:ROOT) are ignored.
-    """
-    given_inputs = [str(i) for i in inputs if i is not None]
-    ins = [(i, _resolved(i)) for i in given_inputs if Path(i).expanduser().exists()]
-    seen: dict[Path, str] = {}
-    for out in outputs:
-        if out.path is None or (not out.folder and str(out.path) == "-"):
-            continue
-        given, path = str(out.path), _resolved(out.path)
-        what = f"{out.option} {given}"
-        if path in seen:
-            raise VitdiagError(
-                f"{what} is also given to {seen[path]}; give each output its own path."
-            )
-        seen[path] = out.option
-        for text, src in ins:
-            if path == src or (out.folder and path in src.parents):
-                raise VitdiagError(
-                    f"{what} would overwrite the input {text}; choose another path "
-                    "(vitdiag never writes over its inputs)."
-                )
-            if src.is_dir() and src in path.parents and (out.folder or path.exists()):
-                raise VitdiagError(
-                    f"{what} lies inside the input folder {text}; choose a path outside it."
-                )
-        if out.folder:
-            _check_folder(out, what, path, force)
-        elif path.is_dir():
-            raise VitdiagError(
-                f"{what} is a folder; give a file name, e.g. {Path(given) / _example(out.option)}."
-            )
-        _check_parent(what, path)
-
-
-def _example(option: str) -> str:
-    return {"--junit": "junit.xml", "--plot": "plot.png"}.get(option, "results.json")
-
-
-def _check_folder(out: Output, what: str, path: Path, force: bool) -> None:
-    if path.exists() and not path.is_dir():
-        raise VitdiagError(f"{what} is a file; give a folder (a new or an empty one).")
-    if force or not path.is_dir() or out.replace == "keep":
-        return
-    if out.replace == "new":
-        raise VitdiagError(f"{what} already exists; choose a new folder or pass --force.")
-    if any(path.iterdir()):
-        raise VitdiagError(
-            f"{what} exists and is not empty; choose another folder or pass --force to replace it."
-        )
-
-
-def _check_parent(what: str, path: Path) -> None:
-    anchor = _existing_ancestor(path.parent)
-    if not anchor.is_dir():
-        raise VitdiagError(
-            f"{what}: {anchor} is a file, so no folder can be made there; choose another path."
-        )
-    if not os.access(anchor, os.W_OK | os.X_OK):
-        raise VitdiagError(f"{what}: the folder {anchor} is not writable; choose another path.")
-
-
-def parse_sizes(text: str, option: str = "--sizes") -> list[int]:
-    try:
-        sizes = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise VitdiagError(
-            f"{option} {text!r} is not a list of integers; write e.g. 224,384."
-        ) from None
-    if not sizes or any(s <= 0 for s in sizes):
-        raise VitdiagError(f"{option} needs positive sizes in pixels, e.g. 224,384.")
-    return sizes
-
-
-def parse_model_args(items: list[str] | None) -> dict[str, Any]:
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise VitdiagError(f"--model-arg {item!r} must look like KEY=VALUE, e.g. num_heads=6.")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def load_model(
-    ckpt: str | None,
-    arch: str | None,
-    *,
-    ema: bool = False,
-    unsafe_pickle: bool = False,
-    model_arg: list[str] | None = None,
-    native_size: int | None = None,
-):
-    from vitdiag.model import load
-
-    if ckpt is None and arch is None:
-        raise VitdiagError(
-            "give a checkpoint path, or --arch NAME for a model with random weights."
-        )
-    return load(
-        ckpt,
-        arch=arch,
-        ema=ema,
-        unsafe_pickle=unsafe_pickle,
-        model_args=parse_model_args(model_arg) or None,
-        native_size=native_size,
-    )
+_GROUPS = {
+    "model": ("arch", "ema", "unsafe_pickle", "model_arg", "native_size"),
+    "images": ("limit", "batch_size", "workers", "seed", "strict", "mean", "std"),
+    "runtime": ("device", "amp", "channels_last", "json_out", "quiet"),
+}
+_FIELD = {"image_interpolation": "interpolation"}
 
 
 @dataclass
-class DataOptions:
-    data: str | None
+class Shared:
+    """The shared options one command was given (the defaults where it has no such option)."""
+
+    data: str | None = None
+    arch: str | None = None
+    ema: bool = False
+    unsafe_pickle: bool = False
+    model_arg: list[str] | None = None
+    native_size: int | None = None
+    size: int | None = None
     limit: int | None = None
     batch_size: int = 64
-    workers: int = 0
+    workers: int = o.DEFAULT_WORKERS
     seed: int = 0
     strict: bool = False
     mean: str | None = None
     std: str | None = None
     interpolation: str | None = None
     crop_pct: float | None = None
+    device: str = "auto"
+    amp: str = "off"
+    channels_last: bool = False
+    json_out: Path | None = None
+    quiet: bool = False
 
     def validate(self) -> None:
-        """Every range and the normalisation, before a model or the data is opened."""
+        """Every data range and the normalisation, before a model or the data is opened."""
         check_ranges(
             limit=self.limit,
             batch_size=self.batch_size,
@@ -247,142 +98,108 @@ class DataOptions:
         parse_norm(self.mean, self.std)
 
     def settings(self, **more: Any):
-        """The runner's `Settings` for these data options, plus device and probe options."""
+        """The runner's `Settings`: data and runtime options, plus the probe options in `more`."""
         from vitdiag.runner import Settings
 
         mean, std = parse_norm(self.mean, self.std)
-        fields = dict(
-            batch_size=self.batch_size,
-            workers=self.workers,
-            limit=self.limit,
-            seed=self.seed,
-            strict=self.strict,
-            mean=mean,
-            std=std,
-            interpolation=self.interpolation,
-            crop_pct=self.crop_pct,
+        names = ("batch_size", "workers", "limit", "seed", "strict", "interpolation", "crop_pct")
+        fields = {n: getattr(self, n) for n in (*names, "device", "amp", "channels_last")}
+        return Settings(**{**fields, "mean": mean, "std": std, "quiet": self.quiet, **more})
+
+    def open(self, data: str | None = None):
+        """The data (--data unless another path is given), its options checked first."""
+        from vitdiag.data import open_dataset
+
+        data = self.data if data is None else data
+        if data is None:
+            raise VitdiagError("this command needs images: give --data DIR (or --data synthetic).")
+        self.validate()
+        return open_dataset(data, strict=self.strict, seed=self.seed)
+
+    def load(self, ckpt: str | None, size: int | None = None, *, data: bool = False):
+        """The checkpoint loaded as the model options say, rebuilt at `size` when one is given.
+
+        data: open --data between the two, the order errors are reported in."""
+        from vitdiag.model import at_size, load
+
+        if ckpt is None and self.arch is None:
+            raise VitdiagError(
+                "give a checkpoint path, or --arch NAME for a model with random weights."
+            )
+        loaded = load(
+            ckpt,
+            arch=self.arch,
+            ema=self.ema,
+            unsafe_pickle=self.unsafe_pickle,
+            model_args=parse_model_args(self.model_arg) or None,
+            native_size=self.native_size,
         )
-        return Settings(**{**fields, **more})
+        source = self.open() if data else None
+        return (at_size(loaded, size) if size is not None else loaded), source
+
+    def each(self, ckpts: list[str | None], size: int | None = None) -> Iterator[Any]:
+        """Each checkpoint loaded in turn; the caller drops it before the next one (they can be
+        large, so only one is held at a time)."""
+        for ckpt in ckpts:
+            loaded, _ = self.load(ckpt, size)
+            yield loaded
+            del loaded
+
+    def study_inputs(self, loaded: Any) -> tuple[Any, list[str], dict[str, Any]]:
+        """What a study (variance, fix-posembed) reads: the data when --data is given, the
+        label notes, and the study's keyword arguments for data and runtime."""
+        from vitdiag.runner import label_notes, loader_for, transform_at
+
+        source = self.open() if self.data is not None else None
+        notes = label_notes(loaded, source) if source is not None else []
+        s = self.settings()
+
+        def batches_at(at: Any, size: Any) -> Any:
+            return loader_for(source, transform_at(at.data_config, s, size), s)
+
+        given = source is not None
+        return (
+            source,
+            notes,
+            dict(
+                batches_at=batches_at if given else None,
+                accuracy=given and source.labelled,
+                total_images=min(len(source), self.limit or len(source)) if given else None,
+                **{
+                    n: getattr(self, n) for n in ("device", "amp", "channels_last", "seed", "quiet")
+                },
+            ),
+        )
 
 
-@dataclass
-class ModelOptions:
-    """How to load a checkpoint: the options every model-taking command shares."""
-
-    arch: str | None = None
-    ema: bool = False
-    unsafe_pickle: bool = False
-    model_arg: list[str] | None = None
-    native_size: int | None = None
+_FIELDS = {f.name for f in dataclasses.fields(Shared)}
 
 
-def check_invariance_options(
-    aug: str, views: int, embedding: str, alpha: str | float | None = None
-) -> None:
-    """--aug, --views, --embedding and --alpha of the invariance probe, before any model."""
-    from vitdiag.augmentations import parse_alpha, parse_augmentations
-    from vitdiag.probes.invariance import EMBEDDINGS
+def shared(*names: str) -> Callable[[Callable], Callable]:
+    """Put the named shared options (or groups: model, images, runtime) where the command's
+    `c: Shared` parameter stands, and call the command with them gathered in `c` (with those
+    the command declares itself under a shared name, e.g. a --data with its own help)."""
+    params = [p for n in names for p in _GROUPS.get(n, (n,))]
 
-    parse_augmentations(aug)
-    parse_alpha(alpha)
-    check_ranges(views=views)
-    if embedding not in EMBEDDINGS:
-        raise VitdiagError(f"--embedding {embedding!r} is not known; use {', '.join(EMBEDDINGS)}.")
+    def wrap(fn: Callable) -> Callable:
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != "c"]
+        at = list(sig.parameters).index("c")
+        kind = inspect.Parameter.KEYWORD_ONLY
+        added = [inspect.Parameter(n, kind, default=_OPTIONS[n][1], annotation=_OPTIONS[n][0])
+                 for n in params]  # fmt: skip
 
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            given = {_FIELD.get(n, n): kwargs.pop(n) for n in params}
+            # an option the command declares itself (its own help) still fills `c`
+            given.update((n, kwargs[n]) for n in kwargs.keys() & _FIELDS - given.keys())
+            return fn(**kwargs, c=Shared(**given))
 
-def open_data(opts: DataOptions):
-    from vitdiag.data import open_dataset
+        own = [p.replace(kind=kind) for p in own]
+        command.__signature__ = sig.replace(parameters=[*own[:at], *added, *own[at:]])
+        command.__annotations__ = {**fn.__annotations__, **{n: _OPTIONS[n][0] for n in params}}
+        command.__annotations__.pop("c")
+        return command
 
-    if opts.data is None:
-        raise VitdiagError("this command needs images: give --data DIR (or --data synthetic).")
-    opts.validate()
-    return open_dataset(opts.data, strict=opts.strict, seed=opts.seed)
-
-
-def transform_for(loaded, opts: DataOptions, size: int | tuple[int, int] | None):
-    from vitdiag.runner import transform_at
-
-    return transform_at(loaded.data_config, opts.settings(), size)
-
-
-def loader_for(source, transform, opts: DataOptions, per_class: int | None = None):
-    from vitdiag.runner import loader_for
-
-    return loader_for(source, transform, opts.settings(), per_class)
-
-
-def label_check(loaded, source) -> list[str]:
-    """Warnings when the data's classes cannot be the model's classes."""
-    from vitdiag.runner import label_notes
-
-    return label_notes(loaded, source)
-
-
-def load_at(
-    ckpt: str | None, model: ModelOptions, size: int | None = None, data: DataOptions | None = None
-):
-    """The checkpoint loaded as the model options say, rebuilt at `size` when one is given.
-
-    data: DataOptions opened (and checked) between the two, the order errors are reported in."""
-    loaded = load_model(
-        ckpt,
-        model.arch,
-        ema=model.ema,
-        unsafe_pickle=model.unsafe_pickle,
-        model_arg=model.model_arg,
-        native_size=model.native_size,
-    )
-    source = open_data(data) if data is not None else None
-    if size is not None:
-        from vitdiag.model import at_size
-
-        loaded = at_size(loaded, size)
-    return loaded, source
-
-
-def json_to_stdout(json_path: Path | None) -> bool:
-    """`--json -` sends the document to stdout; the tables for people then go to stderr."""
-    return json_path is not None and str(json_path) == "-"
-
-
-def write_json_text(text: str, json_path: Path) -> None:
-    """The JSON document to stdout (`-`) or to a file, written atomically."""
-    from vitdiag.results import write_atomic
-
-    if json_to_stdout(json_path):
-        sys.stdout.write(text)
-    else:
-        write_atomic(Path(json_path), text.encode())
-
-
-def console(stderr: bool = False):
-    from rich.console import Console
-
-    return Console(stderr=stderr, soft_wrap=False)
-
-
-def emit(
-    command: str,
-    results: list,
-    *,
-    loaded=None,
-    data: dict | None = None,
-    json_path: Path | None = None,
-    run: dict | None = None,
-) -> None:
-    """Print the tables for people and, if asked, write the JSON document (rank 0 only)."""
-    from vitdiag.engine import is_main_process
-    from vitdiag.report import render
-    from vitdiag.results import document, dumps
-
-    if not is_main_process():
-        return
-    render(results, console(stderr=json_to_stdout(json_path)), loaded=loaded, data=data)
-    if json_path is None:
-        return
-    from vitdiag.model import describe
-
-    doc = document(command, results, describe(loaded) if loaded is not None else None, data)
-    if run:
-        doc["run"] = run
-    write_json_text(dumps(doc), json_path)
+    return wrap

@@ -8,19 +8,8 @@ from typing import Annotated
 import typer
 
 from vitdiag import options as o
-from vitdiag.commands.common import (
-    DataOptions,
-    Output,
-    check_outputs,
-    check_ranges,
-    emit,
-    label_check,
-    load_model,
-    loader_for,
-    open_data,
-    transform_for,
-)
-from vitdiag.commands.variance import ImageInterpolation, Reduction
+from vitdiag.commands.common import Shared, shared
+from vitdiag.commands.variance import Reduction
 
 TargetSize = Annotated[
     int | None, typer.Option("--size", help="The new image size in pixels (square).")
@@ -61,6 +50,7 @@ Force = Annotated[
 ]
 
 
+@shared("model", "images", "image_interpolation", "crop_pct", "runtime")
 def fix_posembed(
     ckpt: o.Checkpoint = None,
     size: TargetSize = None,
@@ -72,43 +62,25 @@ def fix_posembed(
     reduction: Reduction = "per-token",
     fmt: Format = "safetensors",
     force: Force = False,
-    arch: o.Arch = None,
-    ema: o.Ema = False,
-    unsafe_pickle: o.UnsafePickle = False,
-    model_arg: o.ModelArg = None,
-    native_size: o.NativeSize = None,
-    limit: o.Limit = None,
-    batch_size: o.BatchSize = 64,
-    workers: o.Workers = 0,
-    seed: o.Seed = 0,
-    strict: o.Strict = False,
-    mean: o.Mean = None,
-    std: o.Std = None,
-    image_interpolation: ImageInterpolation = None,
-    crop_pct: o.CropPct = None,
-    device: o.Device = "auto",
-    amp: o.Amp = "off",
-    channels_last: o.ChannelsLast = False,
-    json_out: o.JsonOut = None,
-    quiet: o.Quiet = False,
+    c: Shared = None,
 ) -> None:
     """Resample the position table to --size, multiply its grid rows by c, and write a folder
     plain timm loads: timm.create_model("local-dir:OUT", pretrained=True). With --resize-only
     nothing is rescaled, and Swin, BEiT and XCiT models are written at --size too."""
     from vitdiag.errors import VitdiagError
     from vitdiag.posembed import parse_rescale, require_rescalable, resize_only_rescale
+    from vitdiag.report import emit
     from vitdiag.studies.fix_posembed import check_output_path, fix_posembed
+    from vitdiag.validation import Output, check_outputs, check_ranges
 
     if size is None:
         raise VitdiagError("give the new image size, e.g. --size 384.")
-    check_ranges(size=size, native_size=native_size)
+    check_ranges(size=size, native_size=c.native_size)
     if out is None:
         raise VitdiagError("give the folder to write with --out DIR.")
-    DataOptions(
-        data, limit, batch_size, workers, seed, strict, mean, std, image_interpolation, crop_pct
-    ).validate()
+    c.validate()
     check_outputs(
-        [Output("--json", json_out), Output("--out", out, folder=True, replace="new")],
+        [Output("--json", c.json_out), Output("--out", out, folder=True, replace="new")],
         [ckpt, data],
         force=force,
     )
@@ -121,25 +93,10 @@ def fix_posembed(
         )
     if ckpt is not None:  # refuse before the (possibly slow) load
         check_output_path(out, Path(ckpt), force)
-    loaded = load_model(
-        ckpt,
-        arch,
-        ema=ema,
-        unsafe_pickle=unsafe_pickle,
-        model_arg=model_arg,
-        native_size=native_size,
-    )
+    loaded, _ = c.load(ckpt)
     if not resize_only:
         require_rescalable(loaded.model)
-    opts = DataOptions(
-        data, limit, batch_size, workers, seed, strict, mean, std, image_interpolation, crop_pct
-    )
-    source = open_data(opts) if data is not None else None
-    notes = label_check(loaded, source) if source is not None else []
-
-    def batches_at(at, s):
-        return loader_for(source, transform_for(at, opts, s), opts)
-
+    source, notes, inputs = c.study_inputs(loaded)
     outcome = fix_posembed(
         loaded,
         size,
@@ -148,17 +105,10 @@ def fix_posembed(
         resize_only=resize_only,
         interpolation=interpolation,
         reduction=reduction,
-        batches_at=batches_at if source is not None else None,
-        accuracy=source is not None and source.labelled,
         fmt=fmt,
         force=force,
-        device=device,
-        amp=amp,
-        channels_last=channels_last,
-        seed=seed,
-        quiet=quiet,
-        total_images=min(len(source), limit or len(source)) if source is not None else None,
+        **inputs,
     )
     outcome.result.notes.extend(notes)
     data_desc = dict(source.describe()) if source is not None else None
-    emit("fix-posembed", [outcome.result], loaded=loaded, data=data_desc, json_path=json_out)
+    emit("fix-posembed", [outcome.result], loaded=loaded, data=data_desc, json_path=c.json_out)

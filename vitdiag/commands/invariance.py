@@ -8,19 +8,7 @@ from typing import Annotated
 import typer
 
 from vitdiag import options as o
-from vitdiag.commands.common import (
-    DataOptions,
-    ModelOptions,
-    Output,
-    check_invariance_options,
-    check_outputs,
-    check_ranges,
-    console,
-    json_to_stdout,
-    load_at,
-    open_data,
-    write_json_text,
-)
+from vitdiag.commands.common import Shared, shared
 
 Checkpoints = Annotated[
     list[str] | None,
@@ -72,6 +60,7 @@ def _labels(ckpts: list[str | None], arch: str | None) -> list[str]:
     return names
 
 
+@shared("model", "size", "images", "interpolation", "crop_pct", "runtime")
 def invariance(
     ckpts: Checkpoints = None,
     data: o.Data = None,
@@ -80,117 +69,52 @@ def invariance(
     embedding: Embedding = "prelogits",
     alpha: Alpha = None,
     plot: Plot = None,
-    arch: o.Arch = None,
-    ema: o.Ema = False,
-    unsafe_pickle: o.UnsafePickle = False,
-    model_arg: o.ModelArg = None,
-    native_size: o.NativeSize = None,
-    size: o.Size = None,
-    limit: o.Limit = None,
-    batch_size: o.BatchSize = 64,
-    workers: o.Workers = 0,
-    seed: o.Seed = 0,
-    strict: o.Strict = False,
-    mean: o.Mean = None,
-    std: o.Std = None,
-    interpolation: o.Interpolation = None,
-    crop_pct: o.CropPct = None,
-    device: o.Device = "auto",
-    amp: o.Amp = "off",
-    channels_last: o.ChannelsLast = False,
-    json_out: o.JsonOut = None,
-    quiet: o.Quiet = False,
+    c: Shared = None,
 ) -> None:
     """Invariance (Linv) and diversity (Ldiv) of augmented views, definition vitdiag-v1."""
     import dataclasses
 
-    from vitdiag.engine import is_main_process
     from vitdiag.model import describe
     from vitdiag.plots import plot_invariance
-    from vitdiag.report import render
-    from vitdiag.results import Result, Table, document, dumps
+    from vitdiag.report import emit, stacked
     from vitdiag.runner import run_all
+    from vitdiag.validation import Output, check_invariance_options, check_outputs, check_ranges
 
     # Validate everything cheap before loading a single model.
     check_invariance_options(aug, views, embedding, alpha)
     targets: list[str | None] = list(ckpts) if ckpts else [None]
-    labels = _labels(targets, arch)
-    opts = DataOptions(
-        data, limit, batch_size, workers, seed, strict, mean, std, interpolation, crop_pct
-    )
-    opts.validate()
-    check_ranges(size=size, native_size=native_size)
-    check_outputs([Output("--json", json_out), Output("--plot", plot)], [*targets, data])
-    source = open_data(opts)
+    labels = _labels(targets, c.arch)
+    c.validate()
+    check_ranges(size=c.size, native_size=c.native_size)
+    check_outputs([Output("--json", c.json_out), Output("--plot", plot)], [*targets, data])
+    source = c.open()
     # Invariance never reads labels, so any data will do, whatever its classes.
-    settings = opts.settings(
-        aug=aug,
-        views=views,
-        embedding=embedding,
-        alpha=alpha,
-        label_check=False,
-        device=device,
-        amp=amp,
-        channels_last=channels_last,
-        quiet=quiet,
-    )
-    model = ModelOptions(arch, ema, unsafe_pickle, model_arg, native_size)
-
-    results: list[Result] = []
-    runs = []
-    first_loaded = None
-    for ckpt, label in zip(targets, labels, strict=True):
-        loaded, _ = load_at(ckpt, model, size)
+    settings = c.settings(aug=aug, views=views, embedding=embedding, alpha=alpha, label_check=False)
+    results, runs, first_loaded = [], [], None
+    for loaded, label in zip(c.each(targets, c.size), labels, strict=True):
         each = dataclasses.replace(settings, label=f"invariance {label}")
         found = run_all(loaded, source, probes={"invariance"}, settings=each)
-        result = found[0]
-        result.extra["checkpoint"] = label
-        result.extra["model"] = describe(loaded)
-        results.append(result)
+        found[0].extra["checkpoint"] = label
+        found[0].extra["model"] = describe(loaded)
+        results.append(found[0])
         runs.append(found)
-        if len(targets) == 1:
-            first_loaded = loaded
-        # Free the model before loading the next one: checkpoints can be large.
-        del loaded
+        first_loaded = loaded if len(targets) == 1 else None
+        del loaded  # checkpoints can be large: one in memory at a time
 
-    if not is_main_process():
-        return
-    data_desc = runs[0].data["data"]
-    shown = results
-    if len(results) > 1:
-        rows = [
-            [label, *row]
-            for label, res in zip(labels, results, strict=True)
-            for row in res.tables[0].rows
-        ]
-        notes = list(dict.fromkeys(n for res in results for n in res.notes))
-        shown = [
-            Result(
-                probe="invariance",
-                definition=results[0].definition,
-                tables=[
-                    Table(
-                        results[0].tables[0].title,
-                        ["checkpoint", *results[0].tables[0].columns],
-                        rows,
-                    )
-                ],
-                notes=notes,
-            )
-        ]
-    out = console(stderr=json_to_stdout(json_out))
-    render(shown, out, loaded=first_loaded, data=data_desc)
-    if plot is not None:
-        written = plot_invariance(list(zip(labels, results, strict=True)), plot)
-        out.print(f"plot written to {written}")
-    if json_out is None:
-        return
+    def then(out) -> None:
+        if plot is not None:
+            written = plot_invariance(list(zip(labels, results, strict=True)), plot)
+            out.print(f"plot written to {written}")
+
     # With several checkpoints the top-level model is null: each result's extra carries its
     # own checkpoint label and model provenance.
-    single = results[0].extra["model"] if len(results) == 1 else None
-    doc = document("invariance", results, single, data_desc)
-    doc["run"] = {
-        "seconds": sum(r.seconds for r in runs),
-        "world_size": runs[0].world_size,
-    }
-    write_json_text(dumps(doc), json_out)
+    emit(
+        "invariance",
+        results,
+        loaded=first_loaded,
+        data=runs[0].data["data"],
+        json_path=c.json_out,
+        run={"seconds": sum(r.seconds for r in runs), "world_size": runs[0].world_size},
+        shown=stacked(results, labels) if len(results) > 1 else results,
+        then=then,
+    )

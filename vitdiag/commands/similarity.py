@@ -8,20 +8,12 @@ from typing import Annotated
 import typer
 
 from vitdiag import options as o
-from vitdiag.commands.common import (
-    DataOptions,
-    ModelOptions,
-    Output,
-    check_outputs,
-    check_ranges,
-    emit,
-    load_at,
-    open_data,
-)
+from vitdiag.commands.common import Shared, shared
 
 _RANDOM = object()  # marks the --random-baseline entry in the list of checkpoints
 
 
+@shared("model", "size", "images", "interpolation", "crop_pct", "runtime")
 def similarity(
     ckpts: Annotated[
         list[str] | None,
@@ -45,59 +37,24 @@ def similarity(
             help="Add the first checkpoint's architecture with random weights as another curve.",
         ),
     ] = False,
-    arch: o.Arch = None,
-    ema: o.Ema = False,
-    unsafe_pickle: o.UnsafePickle = False,
-    model_arg: o.ModelArg = None,
-    native_size: o.NativeSize = None,
-    size: o.Size = None,
-    limit: o.Limit = None,
-    batch_size: o.BatchSize = 64,
-    workers: o.Workers = 0,
-    seed: o.Seed = 0,
-    strict: o.Strict = False,
-    mean: o.Mean = None,
-    std: o.Std = None,
-    interpolation: o.Interpolation = None,
-    crop_pct: o.CropPct = None,
-    device: o.Device = "auto",
-    amp: o.Amp = "off",
-    channels_last: o.ChannelsLast = False,
-    json_out: o.JsonOut = None,
-    quiet: o.Quiet = False,
+    c: Shared = None,
 ) -> None:
     """Patch-wise cosine similarity per layer: how far tokens collapse onto each other."""
     from vitdiag.model import at_size, describe, load
     from vitdiag.plots import plot_similarity
-    from vitdiag.results import Result, Table
+    from vitdiag.report import emit, side_by_side
     from vitdiag.runner import require, run_all
+    from vitdiag.validation import Output, check_outputs, check_ranges
 
-    opts = DataOptions(
-        data, limit, batch_size, workers, seed, strict, mean, std, interpolation, crop_pct
-    )
     names = [s.strip() for s in layers.split(",")] if layers else None
-    opts.validate()
-    check_ranges(size=size, native_size=native_size)
-    check_outputs([Output("--json", json_out), Output("--plot", plot)], [*(ckpts or []), data])
-    source = open_data(opts)
+    c.validate()
+    check_ranges(size=c.size, native_size=c.native_size)
+    check_outputs([Output("--json", c.json_out), Output("--plot", plot)], [*(ckpts or []), data])
+    source = c.open()
     # Similarity never reads labels, so any data will do, whatever its classes.
-    settings = opts.settings(
-        layers=names,
-        label_check=False,
-        label="similarity",
-        device=device,
-        amp=amp,
-        channels_last=channels_last,
-        quiet=quiet,
-    )
-    model = ModelOptions(arch, ema, unsafe_pickle, model_arg, native_size)
-    labelled_results: list[tuple[str, Result]] = []
-    models = []
-    data_desc = None
-    todo: list = list(ckpts or [None])
-    if random_baseline:
-        todo.append(_RANDOM)
-    for ckpt in todo:
+    settings = c.settings(layers=names, label_check=False, label="similarity")
+    labelled, models, data_desc = [], [], None
+    for ckpt in [*(ckpts or [None]), *([_RANDOM] if random_baseline else [])]:
         if ckpt is _RANDOM:
             # Same architecture and build arguments, untrained: how much smoothing training adds.
             first = models[0]
@@ -108,9 +65,9 @@ def similarity(
                 img_size=first.native_size,
                 native_size=first.native_size,
             )
-            loaded = at_size(loaded, size) if size is not None else loaded
+            loaded = at_size(loaded, c.size) if c.size is not None else loaded
         else:
-            loaded, _ = load_at(ckpt, model, size)
+            loaded, _ = c.load(ckpt, c.size)
         require(loaded, ["similarity"])
         found = run_all(loaded, source, probes={"similarity"}, settings=settings)
         result = found[0]
@@ -119,34 +76,13 @@ def similarity(
         result.extra["model"] = describe(loaded)
         for t in result.tables:
             t.title = f"{t.title} — {label}"
-        labelled_results.append((label, result))
+        labelled.append((label, result))
         models.append(loaded)
         data_desc = found.data["data"]
-
-    results = [r for _, r in labelled_results]
+    results = [r for _, r in labelled]
     if len(results) > 1:
-        depth = max(len(r.extra["layers"]) for r in results)
-        rows = []
-        for i in range(depth):
-            row: list = [i]
-            for r in results:
-                lay, vals = r.extra["layers"], r.extra["mean"]
-                row += [lay[i], vals[i]] if i < len(lay) else [None, None]
-            rows.append(row)
-        cols = ["index"] + [c for label, _ in labelled_results for c in (label, "P")]
-        results.append(
-            Result(
-                "similarity.compare",
-                results[0].definition,
-                tables=[Table("Comparison", cols, rows)],
-            )
-        )
+        results.append(side_by_side(labelled))
     if plot is not None:
-        plot_similarity(labelled_results, plot)
-    emit(
-        "similarity",
-        results,
-        loaded=models[0] if len(models) == 1 else None,
-        data=data_desc,
-        json_path=json_out,
-    )
+        plot_similarity(labelled, plot)
+    first = models[0] if len(models) == 1 else None
+    emit("similarity", results, loaded=first, data=data_desc, json_path=c.json_out)

@@ -7,19 +7,7 @@ from typing import Annotated
 import typer
 
 from vitdiag import options as o
-from vitdiag.commands.common import (
-    DataOptions,
-    Output,
-    check_outputs,
-    check_ranges,
-    emit,
-    label_check,
-    load_model,
-    loader_for,
-    open_data,
-    parse_sizes,
-    transform_for,
-)
+from vitdiag.commands.common import Shared, shared
 
 Sizes = Annotated[
     str | None,
@@ -33,10 +21,6 @@ TableInterpolation = Annotated[
         "comma list reports each, the first is the one the model runs with.",
     ),
 ]
-ImageInterpolation = Annotated[
-    str | None,
-    typer.Option("--image-interpolation", help="Image resize interpolation (default: model's)."),
-]
 Reduction = Annotated[
     str,
     typer.Option(
@@ -46,37 +30,22 @@ Reduction = Annotated[
 ]
 
 
+@shared("model", "images", "image_interpolation", "crop_pct", "runtime")
 def variance(
     ckpt: o.Checkpoint = None,
     sizes: Sizes = None,
     data: o.Data = None,
     interpolation: TableInterpolation = None,
     reduction: Reduction = "per-token",
-    arch: o.Arch = None,
-    ema: o.Ema = False,
-    unsafe_pickle: o.UnsafePickle = False,
-    model_arg: o.ModelArg = None,
-    native_size: o.NativeSize = None,
-    limit: o.Limit = None,
-    batch_size: o.BatchSize = 64,
-    workers: o.Workers = 0,
-    seed: o.Seed = 0,
-    strict: o.Strict = False,
-    mean: o.Mean = None,
-    std: o.Std = None,
-    image_interpolation: ImageInterpolation = None,
-    crop_pct: o.CropPct = None,
-    device: o.Device = "auto",
-    amp: o.Amp = "off",
-    channels_last: o.ChannelsLast = False,
-    json_out: o.JsonOut = None,
-    quiet: o.Quiet = False,
+    c: Shared = None,
 ) -> None:
     """Var[patch embedding] / Var[position table] at each size, the rescale that restores it,
     and (with labelled --data) accuracy under each rescale. Without --data: the table part."""
     from vitdiag.errors import VitdiagError
     from vitdiag.posembed import REDUCTIONS, parse_interpolations
+    from vitdiag.report import emit
     from vitdiag.studies.variance import data_notes, variance_study
+    from vitdiag.validation import Output, check_outputs, check_ranges, parse_sizes
 
     if sizes is None:
         raise VitdiagError("give the test sizes to compare, e.g. --sizes 224,288,384.")
@@ -84,40 +53,12 @@ def variance(
     interps = parse_interpolations(interpolation)
     if reduction not in REDUCTIONS:
         raise VitdiagError(f"--reduction {reduction!r} is not one of {', '.join(REDUCTIONS)}.")
-    opts = DataOptions(
-        data, limit, batch_size, workers, seed, strict, mean, std, image_interpolation, crop_pct
-    )
-    opts.validate()
-    check_ranges(native_size=native_size)
-    check_outputs([Output("--json", json_out)], [ckpt, data])
-    loaded = load_model(
-        ckpt,
-        arch,
-        ema=ema,
-        unsafe_pickle=unsafe_pickle,
-        model_arg=model_arg,
-        native_size=native_size,
-    )
-    source = open_data(opts) if data is not None else None
-    notes = label_check(loaded, source) if source is not None else []
-
-    def batches_at(at, size):
-        return loader_for(source, transform_for(at, opts, size), opts)
-
-    study = variance_study(
-        loaded,
-        size_list,
-        batches_at=batches_at if source is not None else None,
-        interpolations=interps,
-        reduction=reduction,
-        accuracy=source is not None and source.labelled,
-        device=device,
-        amp=amp,
-        channels_last=channels_last,
-        seed=seed,
-        quiet=quiet,
-        total_images=min(len(source), limit or len(source)) if source is not None else None,
-    )
+    c.validate()
+    check_ranges(native_size=c.native_size)
+    check_outputs([Output("--json", c.json_out)], [ckpt, data])
+    loaded, _ = c.load(ckpt)
+    source, notes, inputs = c.study_inputs(loaded)
+    study = variance_study(loaded, size_list, interpolations=interps, reduction=reduction, **inputs)
     result = study.result()
     result.notes += notes + data_notes(study, source)
     data_desc = None
@@ -130,6 +71,6 @@ def variance(
         [result],
         loaded=study.native_loaded,
         data=data_desc,
-        json_path=json_out,
+        json_path=c.json_out,
         run={"seconds": study.seconds},
     )

@@ -1,0 +1,211 @@
+"""Checks on what a command is given, made before any model or data is opened: option ranges,
+lists of numbers, --model-arg, the invariance options, and every output path."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vitdiag.errors import VitdiagError
+
+
+def parse_floats(text: str | None, option: str, n: int = 3) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise VitdiagError(
+            f"{option} {text!r} is not a list of numbers; write e.g. 0.5,0.5,0.5."
+        ) from None
+    if len(values) == 1:
+        values = values * n
+    if len(values) != n:
+        raise VitdiagError(f"{option} needs 1 or {n} comma-separated numbers, got {len(values)}.")
+    if not all(math.isfinite(v) for v in values):
+        raise VitdiagError(f"{option} {text!r} must be finite numbers; write e.g. 0.5,0.5,0.5.")
+    return values
+
+
+def parse_norm(
+    mean: str | None, std: str | None
+) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """--mean and --std checked together: finite, and std strictly positive (it divides)."""
+    m, s = parse_floats(mean, "--mean"), parse_floats(std, "--std")
+    if s is not None and not all(v > 0 for v in s):
+        raise VitdiagError(f"--std {std!r} must be positive numbers; write e.g. 0.229,0.224,0.225.")
+    return m, s
+
+
+# -- option ranges ----------------------------------------------------------------------------
+
+# option -> (test, what a valid value is). Checked before anything is loaded, because a value
+# out of range either fails deep inside a pass or, worse, silently changes the numbers
+# (--crop-pct 0 used to fall back to the model's default).
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "--crop-pct": (lambda v: 0 < v <= 1, "a fraction in (0, 1], e.g. 0.875 or 1 for no crop"),
+    "--size": (lambda v: v > 0, "a positive number of pixels, e.g. 224"),
+    "--native-size": (lambda v: v > 0, "a positive number of pixels, e.g. 224"),
+    "--limit": (lambda v: v >= 1, "at least 1 (or leave it out for every image)"),
+    "--batch-size": (lambda v: v >= 1, "at least 1, e.g. 64"),
+    "--workers": (lambda v: v >= 0, "0 (load in this process) or more"),
+    "--seed": (lambda v: 0 <= v < 2**63, "an integer from 0 to 2^63-1"),
+    "--views": (lambda v: v >= 2, "at least 2 (Ldiv compares views with each other)"),
+    "--pairs": (lambda v: v >= 1, "at least 1, e.g. 64"),
+    "--per-class": (lambda v: v >= 1, "at least 1 (or leave it out for every image)"),
+    "--nc4-budget": (lambda v: v >= 1, "at least 1, e.g. 10000"),
+    "--bins": (lambda v: v >= 1, "at least 1, e.g. 15"),
+    "--mixup": (lambda v: v >= 0, "0 (off) or a positive Beta α, e.g. 0.8"),
+    "--cutmix": (lambda v: v >= 0, "0 (off) or a positive Beta α, e.g. 1.0"),
+    "--reprob": (lambda v: 0 <= v <= 1, "a probability in [0, 1], e.g. 0.25"),
+}
+
+
+def check_ranges(**values: Any) -> None:
+    """Each option in its range, e.g. ``check_ranges(crop_pct=..., limit=...)``; None = not given.
+
+    Keyword names are the option names without dashes (crop_pct → --crop-pct).
+    """
+    for key, value in values.items():
+        if value is None:
+            continue
+        option = "--" + key.replace("_", "-")
+        ok, want = _RANGES[option]
+        if isinstance(value, float) and not math.isfinite(value) or not ok(value):
+            raise VitdiagError(f"{option} must be {want}, got {value}.")
+
+
+# -- output paths -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Output:
+    """A path a command will write. folder: a directory is written (else one file).
+    replace: for folders, what may already be there without --force: "keep" (files are added
+    to it), "empty" (an empty folder), "new" (nothing)."""
+
+    option: str
+    path: Path | str | None
+    folder: bool = False
+    replace: str = "keep"
+
+
+def _resolved(p: Path | str) -> Path:
+    return Path(p).expanduser().resolve()
+
+
+def _existing_ancestor(p: Path) -> Path:
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_outputs(
+    outputs: Iterable[Output], inputs: Iterable[Path | str | None] = (), *, force: bool = False
+) -> None:
+    """Refuse, before any work, every output path that cannot be written as asked.
+
+    A file must not be an existing folder, a folder not an existing file; the nearest existing
+    parent must be a writable folder (missing ones are created); no output may be an input (the
+    checkpoint, the data, a config) or hold one, and no two outputs may be the same path.
+    `inputs` that are not paths on disk (synthetic:16, torch/NAME:ROOT) are ignored.
+    """
+    given_inputs = [str(i) for i in inputs if i is not None]
+    ins = [(i, _resolved(i)) for i in given_inputs if Path(i).expanduser().exists()]
+    seen: dict[Path, str] = {}
+    for out in outputs:
+        if out.path is None or (not out.folder and str(out.path) == "-"):
+            continue
+        given, path = str(out.path), _resolved(out.path)
+        what = f"{out.option} {given}"
+        if path in seen:
+            raise VitdiagError(
+                f"{what} is also given to {seen[path]}; give each output its own path."
+            )
+        seen[path] = out.option
+        for text, src in ins:
+            if path == src or (out.folder and path in src.parents):
+                raise VitdiagError(
+                    f"{what} would overwrite the input {text}; choose another path "
+                    "(vitdiag never writes over its inputs)."
+                )
+            if src.is_dir() and src in path.parents and (out.folder or path.exists()):
+                raise VitdiagError(
+                    f"{what} lies inside the input folder {text}; choose a path outside it."
+                )
+        if out.folder:
+            _check_folder(out, what, path, force)
+        elif path.is_dir():
+            raise VitdiagError(
+                f"{what} is a folder; give a file name, e.g. {Path(given) / _example(out.option)}."
+            )
+        _check_parent(what, path)
+
+
+def _example(option: str) -> str:
+    return {"--junit": "junit.xml", "--plot": "plot.png"}.get(option, "results.json")
+
+
+def _check_folder(out: Output, what: str, path: Path, force: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise VitdiagError(f"{what} is a file; give a folder (a new or an empty one).")
+    if force or not path.is_dir() or out.replace == "keep":
+        return
+    if out.replace == "new":
+        raise VitdiagError(f"{what} already exists; choose a new folder or pass --force.")
+    if any(path.iterdir()):
+        raise VitdiagError(
+            f"{what} exists and is not empty; choose another folder or pass --force to replace it."
+        )
+
+
+def _check_parent(what: str, path: Path) -> None:
+    anchor = _existing_ancestor(path.parent)
+    if not anchor.is_dir():
+        raise VitdiagError(
+            f"{what}: {anchor} is a file, so no folder can be made there; choose another path."
+        )
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise VitdiagError(f"{what}: the folder {anchor} is not writable; choose another path.")
+
+
+def parse_sizes(text: str, option: str = "--sizes") -> list[int]:
+    try:
+        sizes = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise VitdiagError(
+            f"{option} {text!r} is not a list of integers; write e.g. 224,384."
+        ) from None
+    if not sizes or any(s <= 0 for s in sizes):
+        raise VitdiagError(f"{option} needs positive sizes in pixels, e.g. 224,384.")
+    return sizes
+
+
+def parse_model_args(items: list[str] | None) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise VitdiagError(f"--model-arg {item!r} must look like KEY=VALUE, e.g. num_heads=6.")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def check_invariance_options(
+    aug: str, views: int, embedding: str, alpha: str | float | None = None
+) -> None:
+    """--aug, --views, --embedding and --alpha of the invariance probe, before any model."""
+    from vitdiag.augmentations import parse_alpha, parse_augmentations
+    from vitdiag.probes.invariance import EMBEDDINGS
+
+    parse_augmentations(aug)
+    parse_alpha(alpha)
+    check_ranges(views=views)
+    if embedding not in EMBEDDINGS:
+        raise VitdiagError(f"--embedding {embedding!r} is not known; use {', '.join(EMBEDDINGS)}.")
