@@ -26,31 +26,32 @@ ImageInterpolation = Annotated[
     typer.Option("--image-interpolation", help="Image resize interpolation (default: model's)."),
 ]
 
-# parameter name -> (option type, default); the field of `Shared` it fills is the same name,
-# except --image-interpolation (variance, fix-posembed), which is the image `interpolation`
-_OPTIONS: dict[str, tuple[Any, Any]] = {
-    "data": (o.Data, None),
-    "arch": (o.Arch, None),
-    "ema": (o.Ema, False),
-    "unsafe_pickle": (o.UnsafePickle, False),
-    "model_arg": (o.ModelArg, None),
-    "native_size": (o.NativeSize, None),
-    "size": (o.Size, None),
-    "limit": (o.Limit, None),
-    "batch_size": (o.BatchSize, 64),
-    "workers": (o.Workers, o.DEFAULT_WORKERS),
-    "seed": (o.Seed, 0),
-    "strict": (o.Strict, False),
-    "mean": (o.Mean, None),
-    "std": (o.Std, None),
-    "interpolation": (o.Interpolation, None),
-    "image_interpolation": (ImageInterpolation, None),
-    "crop_pct": (o.CropPct, None),
-    "device": (o.Device, "auto"),
-    "amp": (o.Amp, "off"),
-    "channels_last": (o.ChannelsLast, False),
-    "json_out": (o.JsonOut, None),
-    "quiet": (o.Quiet, False),
+# parameter name -> option type; the field of `Shared` it fills (and whose default it takes)
+# is the same name, except --image-interpolation (variance, fix-posembed): the image
+# `interpolation`, where the command's own --interpolation is the position table's
+_OPTIONS: dict[str, Any] = {
+    "data": o.Data,
+    "arch": o.Arch,
+    "ema": o.Ema,
+    "unsafe_pickle": o.UnsafePickle,
+    "model_arg": o.ModelArg,
+    "native_size": o.NativeSize,
+    "size": o.Size,
+    "limit": o.Limit,
+    "batch_size": o.BatchSize,
+    "workers": o.Workers,
+    "seed": o.Seed,
+    "strict": o.Strict,
+    "mean": o.Mean,
+    "std": o.Std,
+    "interpolation": o.Interpolation,
+    "image_interpolation": ImageInterpolation,
+    "crop_pct": o.CropPct,
+    "device": o.Device,
+    "amp": o.Amp,
+    "channels_last": o.ChannelsLast,
+    "json_out": o.JsonOut,
+    "quiet": o.Quiet,
 }
 _GROUPS = {
     "model": ("arch", "ema", "unsafe_pickle", "model_arg", "native_size"),
@@ -172,7 +173,7 @@ class Shared:
         )
 
 
-_FIELDS = {f.name for f in dataclasses.fields(Shared)}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Shared)}
 
 
 def shared(*names: str) -> Callable[[Callable], Callable]:
@@ -186,20 +187,21 @@ def shared(*names: str) -> Callable[[Callable], Callable]:
         own = [p for p in sig.parameters.values() if p.name != "c"]
         at = list(sig.parameters).index("c")
         kind = inspect.Parameter.KEYWORD_ONLY
-        added = [inspect.Parameter(n, kind, default=_OPTIONS[n][1], annotation=_OPTIONS[n][0])
-                 for n in params]  # fmt: skip
+        added = [
+            inspect.Parameter(n, kind, default=_DEFAULTS[_FIELD.get(n, n)], annotation=_OPTIONS[n])
+            for n in params
+        ]
 
         @functools.wraps(fn)
         def command(**kwargs: Any) -> Any:
             given = {_FIELD.get(n, n): kwargs.pop(n) for n in params}
             # an option the command declares itself (its own help) still fills `c`
-            given.update((n, kwargs[n]) for n in kwargs.keys() & _FIELDS - given.keys())
+            given.update((n, kwargs[n]) for n in kwargs.keys() & _DEFAULTS.keys() - given.keys())
             return fn(**kwargs, c=Shared(**given))
 
         own = [p.replace(kind=kind) for p in own]
         command.__signature__ = sig.replace(parameters=[*own[:at], *added, *own[at:]])
-        command.__annotations__ = {**fn.__annotations__, **{n: _OPTIONS[n][0] for n in params}}
-        command.__annotations__.pop("c")
+        command.__annotations__ = {p.name: p.annotation for p in [*own, *added]}
         return command
 
     return wrap
