@@ -10,9 +10,10 @@ Three measurements at each `--workers` count (default 0, 1, 2):
 - invariance wall time: `run_all(..., probes={"invariance"})` with every augmentation, the
   model forwarding the clean batch and all views (views/s here is end to end).
 
-Then the model's own forward throughput (views/s it can consume: a bare `forward_features` +
-pre-logits on batches already in memory) and, from the per-worker views/s, how many workers keep
-that forward fed: ceil(forward views/s ÷ views/s per worker).
+Then the model's own forward throughput F (images/s of a bare `forward_features` + pre-logits
+on batches already in memory) and how many workers keep it fed: per image the forward runs
+1 clean image and 11·V views, of which the workers make the 5·V pixel-space ones, so they must
+make 5V/(1+11V)·F views/s: ceil(that ÷ one worker's views/s) workers.
 
 The data: ImageNet-sized JPEGs (500×375, smooth colour fields plus noise, quality 90) made in a
 temporary folder, or `--data FOLDER`. The model: `--arch` with random weights at 224 px.
@@ -159,10 +160,14 @@ def main() -> None:
             )
         )
     per_worker = next((r["views/s"] for r in rows if r["workers"] == 1), rows[-1]["views/s"])
+    # Per image the forward runs 1 clean + len(AUGMENTATIONS)·V views; the workers make the
+    # len(PIXEL)·V pixel-space ones (erasing, cutout and mixing are made on the device).
+    share = n_views / (1 + len(AUGMENTATIONS) * args.views)
     print(f"forward: {forward:.1f} images/s ({args.arch}, batch {args.batch_size}, {device})")
     print(
-        f"one worker makes {per_worker:.1f} views/s: keeping this forward fed takes "
-        f"{math.ceil(forward / per_worker)} worker(s) (more on a machine with more cores)"
+        f"one worker makes {per_worker:.1f} views/s; a forward of F images/s needs "
+        f"{share:.2f}·F worker views/s, so ceil({share:.2f}·F / {per_worker:.0f}) workers: "
+        f"{math.ceil(share * forward / per_worker)} for this forward"
     )
     tmp.cleanup()
 
