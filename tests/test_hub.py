@@ -12,7 +12,7 @@ import pytest
 from conftest import save_tiny_vit
 
 from vitdiag.errors import VitdiagError
-from vitdiag.hub import HubSnapshot, fetch, is_hub_name
+from vitdiag.loading.hub import HubSnapshot, fetch, is_hub_name
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 OLD_REV = "fedcba9876543210fedcba9876543210fedcba98"

@@ -104,7 +104,7 @@ def load(
 def _hub_snapshot(source: str | Path):
     """A local snapshot for a hub name (`hf-hub:ORG/NAME[@REV]` or a timm pretrained tag),
     None for a path. The network is used only here, and only for a hub name not cached."""
-    from vitdiag.hub import fetch, is_hub_name
+    from vitdiag.loading.hub import fetch, is_hub_name
 
     text = str(source)
     return fetch(text) if is_hub_name(text) else None
