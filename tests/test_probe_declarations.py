@@ -89,3 +89,54 @@ def test_splits_and_labels_say_which_data_each_probe_reads():
         "similarity": ("train", False),
         "invariance": ("train", False),
     }
+
+
+def test_the_readmes_adding_a_probe_recipe_works_in_one_module():
+    """The README's recipe, run as written: defining the class is all it takes for run_all."""
+    import gc
+    import re
+    from pathlib import Path
+
+    import torch
+
+    import vitdiag
+    from vitdiag.probes.registry import probe_classes
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Adding a probe", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    import sys
+    import types
+
+    # The recipe's module, as if saved to vitdiag/probes/prelogit_norm.py.
+    module = types.ModuleType("vitdiag.probes.prelogit_norm")
+    sys.modules[module.__name__] = module
+    exec(compile(code, "README.md", "exec"), module.__dict__)
+    probe_classes.cache_clear()
+    try:
+        assert "prelogit_norm" in probe_classes()
+        loaded = vitdiag.load("fixtures/models/vit_nomix")
+        results = vitdiag.run_all(
+            loaded, "fixtures/data/val", probes="prelogit_norm", limit=12, batch_size=5, workers=0
+        )
+        got = results[0].metrics
+        from vitdiag.runner import Settings, loader_for, open_source, transform_at
+
+        settings = Settings(limit=12, batch_size=5, workers=0)
+        source = open_source("fixtures/data/val", settings)
+        transform = transform_at(loaded.data_config, settings, loaded.img_size)
+        loader = loader_for(source, transform, settings)
+        norms = []
+        with torch.inference_mode():
+            for batch in loader:
+                feats = loaded.model.forward_features(batch.images)
+                pre = loaded.model.forward_head(feats, pre_logits=True)
+                norms.append(pre.double().norm(dim=1))
+        want = torch.cat(norms)
+        assert got["n"] == 12
+        assert abs(got["mean"] - float(want.mean())) <= 1e-12 * float(want.mean())
+    finally:
+        del sys.modules[module.__name__]
+        gc.collect()
+        probe_classes.cache_clear()
+    assert "prelogit_norm" not in probe_classes()

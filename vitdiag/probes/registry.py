@@ -16,6 +16,7 @@ import ast
 import functools
 import importlib
 import pkgutil
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,14 @@ def probe_classes() -> dict[str, type[Probe]]:
 
     for info in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{package.__name__}.{info.name}")
-    found = [c for c in _subclasses(Probe) if c.order is not None]
+    # A probe is a declared class living in a loaded module of this package (not, say, a test's
+    # subclass): so dropping its module from sys.modules is enough to forget it.
+    inside = f"{package.__name__}."
+    found = [
+        c
+        for c in _subclasses(Probe)
+        if c.order is not None and c.__module__.startswith(inside) and c.__module__ in sys.modules
+    ]
     return {c.name: c for c in sorted(found, key=lambda c: c.order)}
 
 
