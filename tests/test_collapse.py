@@ -19,7 +19,6 @@ from vitdiag.probes.collapse import (
     nc_stats,
     pool_moments,
     shifted_moments,
-    wilson_interval,
 )
 from vitdiag.probes.mixup_geometry import (
     MixupGeometryProbe,
@@ -28,6 +27,7 @@ from vitdiag.probes.mixup_geometry import (
     select_pairs,
     zero_crossing,
 )
+from vitdiag.probes.nc4 import wilson_interval
 
 # -- helpers ---------------------------------------------------------------------------------
 

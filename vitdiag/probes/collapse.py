@@ -44,11 +44,11 @@ from vitdiag.probes.classifier import (
 # geometry, tests); new code imports vitdiag.probes.classifier.
 from vitdiag.probes.classifier import classifier_result as classifier_result
 from vitdiag.probes.classifier import classifier_stats as classifier_stats
+from vitdiag.probes.nc4 import NC4Sample, bottom_k, nc4_stats
 from vitdiag.results import Result, Table
 
 DEFINITION = "papyan2020-v1"
 DEFAULT_BUDGET = 10_000
-WILSON_Z = 1.959963984540054  # two-sided 95%
 
 # The μ_G-dependent metrics, reported again with the sample-weighted mean when imbalanced.
 _MU_G_DEPENDENT = (
@@ -179,67 +179,6 @@ class ClassSums:
         shift = h.mean(0) if len(h) else torch.zeros(h.shape[1], dtype=torch.float64)
         _, scatter = shifted_moments(h, shift)
         return cls.from_moments(count, total, shift, scatter)
-
-
-@dataclass
-class NC4Sample:
-    """Features (and the network's predictions) of a uniform sample of the N labelled images."""
-
-    h: torch.Tensor  # (m, D)
-    pred: torch.Tensor | None  # (m,) argmax of the network's logits; None: argmax(W h + b)
-    population: int  # N
-
-
-def wilson_interval(k: float, n: float, z: float = WILSON_Z) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion k/n (conservative for sampling without
-    replacement, which has a smaller variance)."""
-    if n <= 0:
-        return float("nan"), float("nan")
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def nearest_class_mean(h: torch.Tensor, means: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Class id of the nearest mean (Euclidean) for each row of h."""
-    h, means = f64(h), f64(means)
-    centre = means.mean(0)  # centring shrinks the ‖h‖² that the expansion below cancels
-    x, m = h - centre, means - centre
-    d2 = (x * x).sum(1, keepdim=True) - 2 * x @ m.T + (m * m).sum(1)[None, :]
-    return classes[d2.argmin(dim=1)]
-
-
-def nc4_stats(
-    sample: NC4Sample,
-    means: torch.Tensor,
-    classes: torch.Tensor,
-    W: torch.Tensor,
-    b: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """NC4: share of samples whose nearest class mean disagrees with the classifier, with
-    bias (the network's prediction) and without (argmax W h)."""
-    h, W = f64(sample.h), f64(W)
-    m = h.shape[0]
-    out: dict[str, float] = {
-        "nc4_sample_size": float(m),
-        "nc4_population": float(sample.population),
-    }
-    if m == 0:
-        return out | {"nc4": float("nan"), "nc4_nobias": float("nan")}
-    ncc = nearest_class_mean(h, means, classes)
-    scores = h @ W.T
-    if sample.pred is not None:
-        pred = torch.as_tensor(sample.pred).to("cpu", torch.int64)
-    else:
-        pred = (scores + (0 if b is None else f64(b))).argmax(dim=1)
-    for key, p in (("nc4", pred), ("nc4_nobias", scores.argmax(dim=1))):
-        k = float((ncc != p).sum())
-        out[key] = k / m
-        if m < sample.population:
-            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = wilson_interval(k, m)
-    return out
 
 
 def pinv_cutoff(dim: int, num_classes: int) -> float:
@@ -382,14 +321,6 @@ def _rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def bottom_k(keys: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k smallest keys. Keeping the k smallest of i.i.d. uniform keys is a
-    uniform sample without replacement, and the k smallest of a union are the k smallest of
-    each part's k smallest: so per-process samples merge exactly."""
-    order = torch.argsort(keys, stable=True)
-    return order[:k]
 
 
 class CollapseProbe(Probe):
