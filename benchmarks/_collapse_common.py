@@ -128,7 +128,8 @@ def vitdiag_collapse(stream: Stream, budget: int, compute_dtype: torch.dtype | N
     """vitdiag's streaming CollapseProbe over the stream: one pass, float64 sums (per-batch
     products in `compute_dtype`: None is the probe's choice for the device)."""
     from vitdiag.probes.base import Taps
-    from vitdiag.probes.collapse import CollapseProbe, Head
+    from vitdiag.probes.classifier import Head
+    from vitdiag.probes.collapse import CollapseProbe
 
     head = Head("head", stream.weight, stream.bias)
     probe = CollapseProbe([head], budget=budget, seed=0, compute_dtype=compute_dtype)

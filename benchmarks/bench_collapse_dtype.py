@@ -16,7 +16,8 @@ import time
 import torch
 
 from vitdiag.probes.base import Taps
-from vitdiag.probes.collapse import CollapseProbe, Head
+from vitdiag.probes.classifier import Head
+from vitdiag.probes.collapse import CollapseProbe
 
 SHAPES = ((384, 1000, 32), (768, 1000, 256))  # (D, C, batch): ViT-S and ViT-B on ImageNet-1k
 

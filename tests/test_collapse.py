@@ -11,11 +11,10 @@ import torch
 from torch import nn
 
 from vitdiag.probes.base import Taps
-from vitdiag.probes.classifier import classifier_heads, classifier_result, classifier_stats
+from vitdiag.probes.classifier import Head, classifier_heads, classifier_result, classifier_stats
 from vitdiag.probes.collapse import (
     ClassSums,
     CollapseProbe,
-    Head,
     nc_stats,
     pool_moments,
     shifted_moments,

@@ -16,14 +16,8 @@ from typer.testing import CliRunner
 from vitdiag.cli import app
 from vitdiag.engine import RunContext, run_probes
 from vitdiag.probes.base import Taps
-from vitdiag.probes.collapse import (
-    ClassSums,
-    CollapseProbe,
-    Head,
-    classifier_result,
-    classifier_stats,
-    nc_stats,
-)
+from vitdiag.probes.classifier import Head, classifier_result, classifier_stats
+from vitdiag.probes.collapse import ClassSums, CollapseProbe, nc_stats
 from vitdiag.probes.mixup_geometry import MixupGeometryProbe
 
 runner = CliRunner()
@@ -84,7 +78,7 @@ def test_nc_stats_with_one_class_still_reports_nc4_and_every_key():
     torch.manual_seed(0)
     h, W = torch.randn(10, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
     y = torch.zeros(10, dtype=torch.int64)
-    from vitdiag.probes.collapse import NC4Sample
+    from vitdiag.probes.nc4 import NC4Sample
 
     sample = NC4Sample(h=h[:4], pred=(h[:4] @ W.T).argmax(1), population=10)
     one = nc_stats(ClassSums.from_features(h, y, 3), W, sample=sample)

@@ -26,7 +26,8 @@ from vitdiag.engine import RunContext
 from vitdiag.probes.accuracy import AccuracyProbe
 from vitdiag.probes.base import Probe, Taps
 from vitdiag.probes.calibration import CalibrationProbe
-from vitdiag.probes.collapse import CollapseProbe, Head, classifier_stats
+from vitdiag.probes.classifier import Head, classifier_stats
+from vitdiag.probes.collapse import CollapseProbe
 from vitdiag.probes.similarity import SimilarityProbe
 from vitdiag.probes.variance import RescaleGroup, VarianceShiftProbe
 

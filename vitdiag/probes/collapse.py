@@ -39,11 +39,6 @@ from vitdiag.probes.classifier import (
     ratio,
     sample_std,
 )
-
-# Imported from here by modules written before the classifier geometry moved out (mixup
-# geometry, tests); new code imports vitdiag.probes.classifier.
-from vitdiag.probes.classifier import classifier_result as classifier_result
-from vitdiag.probes.classifier import classifier_stats as classifier_stats
 from vitdiag.probes.nc4 import NC4Sample, bottom_k, nc4_stats
 from vitdiag.results import Result, Table
 
@@ -317,10 +312,10 @@ def degenerate_notes(sums: ClassSums, W: torch.Tensor, label: str = "") -> list[
 # -- the streaming probe ---------------------------------------------------------------------
 
 
-def _rank() -> int:
+def process_rank() -> int:
     import torch.distributed as dist
 
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.getprocess_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 class CollapseProbe(Probe):
@@ -428,7 +423,7 @@ class CollapseProbe(Probe):
             seed = self.seed
             if seed is None:
                 seed = int(getattr(taps.context, "seed", 0) or 0)
-            rank = _rank() if self.rank is None else self.rank
+            rank = process_rank() if self.rank is None else self.rank
             self.seed = seed
             # numpy draws doubles one after another, so keys do not depend on batch sizes.
             self._rng = np.random.default_rng([seed, rank])

@@ -27,7 +27,8 @@ from torch import nn
 
 from vitdiag.errors import VitdiagError
 from vitdiag.probes.base import LABELS, TRAIN, Probe, Taps
-from vitdiag.probes.collapse import Head, _rank, classifier_heads, heads_missing
+from vitdiag.probes.classifier import Head, classifier_heads, heads_missing
+from vitdiag.probes.collapse import process_rank
 from vitdiag.results import Result, Table
 
 __all__ = [
@@ -258,7 +259,9 @@ class MixupGeometryProbe(Probe):
             if seed is None:
                 seed = int(getattr(taps.context, "seed", 0) or 0)
             self.seed = seed
-            self._rng = np.random.default_rng([seed, _rank() if self.rank is None else self.rank])
+            self._rng = np.random.default_rng(
+                [seed, process_rank() if self.rank is None else self.rank]
+            )
         return self._rng
 
     def _stats_done(self) -> bool:
