@@ -219,6 +219,24 @@ def test_history_equals_run_all_on_the_checkpoint_saved_at_that_step(image_folde
         assert len(expected) > 10
         assert rows_equal(row, expected) == []
 
+    # And through the command line, as a user would check a saved checkpoint.
+    from typer.testing import CliRunner
+
+    from vitdiag.cli import app
+
+    last = tracker.history[-1]
+    out = tmp_path / "cli"
+    args = ["report", str(saved[last["step"]]), "--data", str(image_folder)]
+    args += ["--probes", ",".join(PROBES), "--limit", "10", "--batch-size", "4"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--no-plots", "--quiet"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "report.json").read_text())
+    cli = {f"{r['probe']}.{k}": v for r in doc["results"] for k, v in r["metrics"].items()}
+    for key, value in cli.items():
+        mine = last[key]
+        assert (value is None and math.isnan(mine)) or value == mine, (key, value, mine)
+    assert set(cli) == set(last) - {"step"}
+
 
 # -- logging -------------------------------------------------------------------------------------
 
