@@ -12,6 +12,27 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
 
 TINY_ARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+# The same tiny ViT in transformers' config terms, for models built with other libraries.
+HF_TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    image_size=32,
+    patch_size=8,
+)
+
+
+def perturb(model, seed: int = 0):
+    """Move every parameter off its init (LayerNorm 1/0, layer scale 1, zero biases), so that a
+    swapped or dropped tensor changes the output; returns the model in eval mode."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model.eval()
 
 
 def save_tiny_vit(out: Path, num_classes: int = 3, seed: int = 0) -> Path:

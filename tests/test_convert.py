@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+from conftest import HF_TINY, perturb
 
 from vitdiag.errors import VitdiagError
 from vitdiag.loading.convert import Converted, convert, detect
@@ -19,25 +20,7 @@ transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-TINY = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    image_size=32,
-    patch_size=8,
-)
 RTOL, ATOL = 1e-5, 1e-5
-
-
-def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Move every parameter off its init (LayerNorm 1/0, layer scale 1, zero biases), so a swapped
-    or dropped tensor changes the output."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model.eval()
 
 
 def _save_hf(model, tmp_path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -76,8 +59,8 @@ def _convert_saved(model, tmp_path, expect_kind: str) -> tuple[Converted, torch.
 
 def test_vit_with_head_logits_match(tmp_path):
     torch.manual_seed(0)
-    hf = _perturb(
-        transformers.ViTForImageClassification(transformers.ViTConfig(**TINY, num_labels=5))
+    hf = perturb(
+        transformers.ViTForImageClassification(transformers.ViTConfig(**HF_TINY, num_labels=5))
     )
     conv, model = _convert_saved(hf, tmp_path, "transformers:vit")
     assert conv.arch.startswith("vit_") and timm.is_model(conv.arch)
@@ -93,7 +76,7 @@ def test_vit_with_head_logits_match(tmp_path):
 
 def test_vit_without_head_tokens_match_and_pooler_is_reported(tmp_path):
     torch.manual_seed(0)
-    hf = _perturb(transformers.ViTModel(transformers.ViTConfig(**TINY)))
+    hf = perturb(transformers.ViTModel(transformers.ViTConfig(**HF_TINY)))
     conv, model = _convert_saved(hf, tmp_path, "transformers:vit")
     assert conv.model_args["num_classes"] == 0
     assert any(a.what == "pooler" for a in conv.assumptions)
@@ -104,8 +87,8 @@ def test_vit_without_head_tokens_match_and_pooler_is_reported(tmp_path):
 
 def test_deit_with_teacher_averages_both_heads(tmp_path):
     torch.manual_seed(0)
-    cfg = transformers.DeiTConfig(**TINY, num_labels=7)
-    hf = _perturb(transformers.DeiTForImageClassificationWithTeacher(cfg))
+    cfg = transformers.DeiTConfig(**HF_TINY, num_labels=7)
+    hf = perturb(transformers.DeiTForImageClassificationWithTeacher(cfg))
     conv, model = _convert_saved(hf, tmp_path, "transformers:deit")
     assert "distilled" in conv.arch
     assert "head_dist.weight" in conv.state_dict
@@ -116,8 +99,8 @@ def test_deit_with_teacher_averages_both_heads(tmp_path):
 
 def test_deit_plain_classifier_reads_class_token_only(tmp_path):
     torch.manual_seed(0)
-    hf = _perturb(
-        transformers.DeiTForImageClassification(transformers.DeiTConfig(**TINY, num_labels=4))
+    hf = perturb(
+        transformers.DeiTForImageClassification(transformers.DeiTConfig(**HF_TINY, num_labels=4))
     )
     conv, model = _convert_saved(hf, tmp_path, "transformers:deit")
     assert conv.model_args["reg_tokens"] == 1  # the distillation token rides as a register
@@ -127,14 +110,14 @@ def test_deit_plain_classifier_reads_class_token_only(tmp_path):
 
 
 def _dinov2_cfg(cls, **kw):
-    base = {k: v for k, v in TINY.items() if k != "intermediate_size"}
+    base = {k: v for k, v in HF_TINY.items() if k != "intermediate_size"}
     return cls(**base, layerscale_value=0.5, **kw)
 
 
 @pytest.mark.parametrize("swiglu", [False, True], ids=["mlp", "swiglu"])
 def test_dinov2_tokens_match(tmp_path, swiglu):
     torch.manual_seed(0)
-    hf = _perturb(
+    hf = perturb(
         transformers.Dinov2Model(_dinov2_cfg(transformers.Dinov2Config, use_swiglu_ffn=swiglu))
     )
     conv, model = _convert_saved(hf, tmp_path, "transformers:dinov2")
@@ -153,7 +136,7 @@ def test_dinov2_tokens_match(tmp_path, swiglu):
 def test_dinov2_with_registers_tokens_match(tmp_path):
     torch.manual_seed(0)
     cfg = _dinov2_cfg(transformers.Dinov2WithRegistersConfig, num_register_tokens=3)
-    hf = _perturb(transformers.Dinov2WithRegistersModel(cfg))
+    hf = perturb(transformers.Dinov2WithRegistersModel(cfg))
     conv, model = _convert_saved(hf, tmp_path, "transformers:dinov2_with_registers")
     assert conv.model_args["reg_tokens"] == 3 and conv.model_args["no_embed_class"] is True
     x = _image()
@@ -163,7 +146,7 @@ def test_dinov2_with_registers_tokens_match(tmp_path):
 
 def test_clip_vision_pooled_output_matches(tmp_path):
     torch.manual_seed(0)
-    hf = _perturb(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY)))
+    hf = perturb(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**HF_TINY)))
     conv, model = _convert_saved(hf, tmp_path, "transformers:clip")
     assert "clip" in conv.arch and conv.model_args["act_layer"] == "quick_gelu"
     x = _image()
@@ -174,8 +157,8 @@ def test_clip_vision_pooled_output_matches(tmp_path):
 def test_full_clip_image_features_match(tmp_path):
     torch.manual_seed(0)
     text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-    cfg = transformers.CLIPConfig(vision_config=TINY, text_config=text, projection_dim=16)
-    hf = _perturb(transformers.CLIPModel(cfg))
+    cfg = transformers.CLIPConfig(vision_config=HF_TINY, text_config=text, projection_dim=16)
+    hf = perturb(transformers.CLIPModel(cfg))
     conv, model = _convert_saved(hf, tmp_path, "transformers:clip")
     assert conv.model_args["num_classes"] == 16
     assert not any(k.startswith("text") for k in conv.state_dict)
@@ -188,7 +171,7 @@ def test_full_clip_image_features_match(tmp_path):
 
 def test_siglip_vision_pooled_and_tokens_match(tmp_path):
     torch.manual_seed(0)
-    hf = _perturb(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**TINY)))
+    hf = perturb(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**HF_TINY)))
     conv, model = _convert_saved(hf, tmp_path, "transformers:siglip")
     assert "siglip" in conv.arch
     assert conv.model_args["act_layer"] == "gelu_tanh" and conv.model_args["global_pool"] == "map"
@@ -200,7 +183,7 @@ def test_siglip_vision_pooled_and_tokens_match(tmp_path):
 
 
 def test_preprocessor_config_fills_data_config(tmp_path):
-    hf = transformers.ViTModel(transformers.ViTConfig(**TINY))
+    hf = transformers.ViTModel(transformers.ViTConfig(**HF_TINY))
     config, sd = _save_hf(hf, tmp_path)
     pre = {
         "image_mean": [0.1, 0.2, 0.3],
@@ -229,7 +212,7 @@ def _open_clip(width: int, head_width: int, quick_gelu: bool):
     text = CLIPTextCfg(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
     del open_clip
     torch.manual_seed(0)
-    return _perturb(
+    return perturb(
         CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text, quick_gelu=quick_gelu)
     ), vision
 
@@ -285,7 +268,7 @@ def test_open_clip_timm_trunk_matches(tmp_path, with_config):
     )
     text = CLIPTextCfg(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
     torch.manual_seed(0)
-    oc = _perturb(CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text))
+    oc = perturb(CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text))
     sd = oc.state_dict()
     assert any(k.startswith("visual.trunk.") for k in sd)
     config = {"model_cfg": {"vision_cfg": {"timm_model_name": "vit_tiny_patch16_224"}}}
@@ -331,7 +314,7 @@ def _to_original_dinov2(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def test_original_dinov2_tokens_match(tmp_path, registers):
     torch.manual_seed(0)
     # hidden 128 -> 2 heads under the width // 64 rule that original checkpoints need
-    kw = dict(TINY, hidden_size=128)
+    kw = dict(HF_TINY, hidden_size=128)
     kw.pop("intermediate_size")
     if registers:
         hf = transformers.Dinov2WithRegistersModel(
@@ -339,7 +322,7 @@ def test_original_dinov2_tokens_match(tmp_path, registers):
         )
     else:
         hf = transformers.Dinov2Model(transformers.Dinov2Config(**kw))
-    hf = _perturb(hf)
+    hf = perturb(hf)
     _, sd = _save_hf(hf, tmp_path)
     orig = _to_original_dinov2(sd)
     assert "mask_token" in orig and "blocks.0.ls1.gamma" in orig

@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from conftest import perturb
 
 import vitdiag
 from vitdiag.errors import VitdiagError
@@ -34,14 +35,6 @@ BEIT = dict(
 SWIN = dict(
     image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4
 )
-
-
-def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model.eval()
 
 
 def _image(size: int = 32) -> torch.Tensor:
@@ -82,7 +75,7 @@ def test_beit_classifier_logits_match(tmp_path, shared):
         use_shared_relative_position_bias=shared,
         use_mean_pooling=True,
     )
-    hf = _perturb(transformers.BeitForImageClassification(cfg))
+    hf = perturb(transformers.BeitForImageClassification(cfg))
     config, sd = _saved(hf, tmp_path, "transformers:beit")
     conv = convert("transformers:beit", config, sd)
     args = conv.model_args
@@ -105,7 +98,7 @@ def test_beit_model_class_token_shared_bias_no_layer_scale(tmp_path):
         layer_scale_init_value=0.0,
         use_mask_token=True,
     )
-    hf = _perturb(transformers.BeitModel(cfg))
+    hf = perturb(transformers.BeitModel(cfg))
     config, sd = _saved(hf, tmp_path, "transformers:beit")
     conv = convert("transformers:beit", config, sd)
     args = conv.model_args
@@ -130,7 +123,7 @@ def test_beit_in_memory_names_convert_too(tmp_path):
         use_relative_position_bias=True,
         use_shared_relative_position_bias=True,
     )
-    hf = _perturb(transformers.BeitForImageClassification(cfg))
+    hf = perturb(transformers.BeitForImageClassification(cfg))
     config, _ = _saved(hf, tmp_path, "transformers:beit")
     sd = hf.state_dict()
     assert "beit.layers.0.attention.q_proj.weight" in sd
@@ -153,7 +146,7 @@ def test_beit_without_pooler_norm_is_one_clear_error(tmp_path):
 
 def test_swin_classifier_logits_match(tmp_path):
     torch.manual_seed(0)
-    hf = _perturb(
+    hf = perturb(
         transformers.SwinForImageClassification(transformers.SwinConfig(**SWIN, num_labels=6))
     )
     config, sd = _saved(hf, tmp_path, "transformers:swin")
@@ -173,7 +166,7 @@ def test_swin_model_tokens_and_pooled_match_with_shifts_in_every_stage(tmp_path)
     # 64 px, patch 4: grids 16 and 8, both larger than the window, so both stages shift
     torch.manual_seed(0)
     cfg = transformers.SwinConfig(**dict(SWIN, image_size=64, embed_dim=24, num_heads=[3, 6]))
-    hf = _perturb(transformers.SwinModel(cfg))
+    hf = perturb(transformers.SwinModel(cfg))
     config, sd = _saved(hf, tmp_path, "transformers:swin")
     conv = convert("transformers:swin", config, sd)
     assert conv.model_args["num_classes"] == 0
@@ -188,7 +181,7 @@ def test_swin_model_tokens_and_pooled_match_with_shifts_in_every_stage(tmp_path)
 
 def test_swin_in_memory_names_convert_too(tmp_path):
     torch.manual_seed(0)
-    hf = _perturb(
+    hf = perturb(
         transformers.SwinForImageClassification(transformers.SwinConfig(**SWIN, num_labels=2))
     )
     config, _ = _saved(hf, tmp_path, "transformers:swin")
@@ -225,7 +218,7 @@ def test_detect_knows_beit_and_swin():
 
 def test_swin_folder_loads_through_vitdiag_load_with_logit_parity(tmp_path):
     torch.manual_seed(0)
-    hf = _perturb(
+    hf = perturb(
         transformers.SwinForImageClassification(transformers.SwinConfig(**SWIN, num_labels=4))
     )
     hf.save_pretrained(tmp_path / "swin")
@@ -240,7 +233,7 @@ def test_swin_folder_loads_through_vitdiag_load_with_logit_parity(tmp_path):
 def test_beit_folder_loads_through_vitdiag_load_with_logit_parity(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.BeitConfig(**BEIT, num_labels=3, use_relative_position_bias=True)
-    hf = _perturb(transformers.BeitForImageClassification(cfg))
+    hf = perturb(transformers.BeitForImageClassification(cfg))
     hf.save_pretrained(tmp_path / "beit")
     loaded = vitdiag.load(tmp_path / "beit")
     assert loaded.provenance["source_kind"] == "transformers:beit"

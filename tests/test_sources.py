@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from conftest import HF_TINY, perturb
 from typer.testing import CliRunner
 
 import vitdiag
@@ -21,24 +22,7 @@ from vitdiag.cli import app
 
 transformers = pytest.importorskip("transformers")
 
-TINY = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    image_size=32,
-    patch_size=8,
-)
 REV = "0123456789abcdef0123456789abcdef01234567"
-
-
-def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Move every parameter off its init so that a dropped or swapped tensor shows."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model.eval()
 
 
 def _images(size: int = 32) -> torch.Tensor:
@@ -51,8 +35,8 @@ def _close(ref: torch.Tensor, got: torch.Tensor) -> None:
 
 def _hf_vit(num_labels: int = 10):
     torch.manual_seed(0)
-    cfg = transformers.ViTConfig(**TINY, num_labels=num_labels)
-    return _perturb(transformers.ViTForImageClassification(cfg))
+    cfg = transformers.ViTConfig(**HF_TINY, num_labels=num_labels)
+    return perturb(transformers.ViTForImageClassification(cfg))
 
 
 def _forward(loaded, x):
@@ -75,8 +59,8 @@ def test_transformers_vit_folder_loads_with_logit_parity(tmp_path):
 
 def test_transformers_deit_with_teacher_folder_loads_with_logit_parity(tmp_path):
     torch.manual_seed(0)
-    cfg = transformers.DeiTConfig(**TINY, num_labels=7)
-    hf = _perturb(transformers.DeiTForImageClassificationWithTeacher(cfg))
+    cfg = transformers.DeiTConfig(**HF_TINY, num_labels=7)
+    hf = perturb(transformers.DeiTForImageClassificationWithTeacher(cfg))
     hf.save_pretrained(tmp_path / "deit")
     loaded = vitdiag.load(tmp_path / "deit")
     x = _images()
@@ -86,8 +70,8 @@ def test_transformers_deit_with_teacher_folder_loads_with_logit_parity(tmp_path)
 
 def test_transformers_dinov2_folder_loads_with_token_parity(tmp_path):
     torch.manual_seed(0)
-    base = {k: v for k, v in TINY.items() if k != "intermediate_size"}
-    hf = _perturb(transformers.Dinov2Model(transformers.Dinov2Config(**base, mlp_ratio=2)))
+    base = {k: v for k, v in HF_TINY.items() if k != "intermediate_size"}
+    hf = perturb(transformers.Dinov2Model(transformers.Dinov2Config(**base, mlp_ratio=2)))
     hf.save_pretrained(tmp_path / "dinov2")
     loaded = vitdiag.load(tmp_path / "dinov2")
     x = _images()
@@ -98,7 +82,7 @@ def test_transformers_dinov2_folder_loads_with_token_parity(tmp_path):
 
 def test_transformers_siglip_folder_loads_with_pooled_parity(tmp_path):
     torch.manual_seed(0)
-    hf = _perturb(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**TINY)))
+    hf = perturb(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**HF_TINY)))
     hf.save_pretrained(tmp_path / "siglip")
     loaded = vitdiag.load(tmp_path / "siglip")
     x = _images()
@@ -109,8 +93,8 @@ def test_transformers_siglip_folder_loads_with_pooled_parity(tmp_path):
 def test_full_clip_folder_loads_the_vision_tower_with_image_feature_parity(tmp_path):
     torch.manual_seed(0)
     text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-    cfg = transformers.CLIPConfig(vision_config=TINY, text_config=text, projection_dim=16)
-    hf = _perturb(transformers.CLIPModel(cfg))
+    cfg = transformers.CLIPConfig(vision_config=HF_TINY, text_config=text, projection_dim=16)
+    hf = perturb(transformers.CLIPModel(cfg))
     hf.save_pretrained(tmp_path / "clip")
     loaded = vitdiag.load(tmp_path / "clip")
     x = _images()
@@ -126,7 +110,7 @@ def test_open_clip_state_dict_file_loads_with_embedding_parity(tmp_path):
     torch.manual_seed(0)
     vision = CLIPVisionCfg(layers=2, width=128, head_width=64, patch_size=8, image_size=32)
     text = CLIPTextCfg(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
-    oc = _perturb(CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text, quick_gelu=True))
+    oc = perturb(CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text, quick_gelu=True))
     torch.save(oc.state_dict(), tmp_path / "open_clip.pt")
     loaded = vitdiag.load(tmp_path / "open_clip.pt")
     x = _images()
