@@ -14,11 +14,11 @@ Not included, because they are extra forwards by definition, not overhead: invar
 (views × augmentations forwards per image), mixup geometry (a fixed number of mixed pairs) and
 variance at other sizes (one pass per size). Batches are made before timing, so data loading
 is in neither. Every ratio is the median over alternating (bare, report) pairs; `--breakdown`
-also times each probe alone, `--without-effective-rank` shows what similarity's effective-rank
-column costs (a what-if: the column is replaced by zeros for that run only).
+also times each probe alone. `--erank-every N` is similarity's option of that name (default 16:
+the effective rank on images 0, 16, 32...; 1 measures every image, what it cost before).
 
     python benchmarks/bench_report_overhead.py [--images N] [--batch-size B] [--reps R]
-        [--device cpu|cuda] [--threads T] [--breakdown] [--without-effective-rank]
+        [--device cpu|cuda] [--threads T] [--breakdown] [--erank-every N]
         [--clock wall|process]
 
 --clock process times the CPU seconds of this process instead of wall time: on a CPU shared
@@ -50,9 +50,10 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true", help="also time each probe alone")
     parser.add_argument("--clock", choices=("wall", "process"), default="wall")
     parser.add_argument(
-        "--without-effective-rank",
-        action="store_true",
-        help="what-if: time similarity (and the report) with effective rank stubbed out",
+        "--erank-every",
+        type=int,
+        default=None,
+        help="similarity: effective rank on images whose index is a multiple of N (default 16)",
     )
     args = parser.parse_args()
     n = args.images or (512 if args.device.startswith("cuda") else 64)
@@ -80,6 +81,8 @@ def main() -> None:
         batches.append((x, y))
     transform = eval_transform(loaded.data_config, loaded.img_size)
     settings = Settings(device=args.device, amp=args.amp)
+    if args.erank_every is not None:
+        settings.erank_every = args.erank_every
 
     def sync() -> None:
         if device.type == "cuda":
@@ -119,7 +122,7 @@ def main() -> None:
     print(
         f"vit_small_patch16_224 (random), 224 px, {n} synthetic images, batch {args.batch_size}, "
         f"{args.device}{'' if device.type == 'cuda' else f' ({threads} threads)'}, amp {args.amp}, "
-        f"{args.clock} clock"
+        f"{args.clock} clock, similarity erank_every {settings.erank_every}"
     )
     print(f"{'rep':>4s} {'bare s':>8s} {'report s':>9s} {'ratio':>7s}")
     for i, (b, r) in enumerate(pairs):
@@ -137,19 +140,6 @@ def main() -> None:
             alone = statistics.median(r for _, r in pairs)
             spread = f"{min(r / b for b, r in pairs):.3f}-{max(r / b for b, r in pairs):.3f}"
             print(f"  {name:12s} {ratio:6.3f}  (spread {spread}, {n / alone:.1f} images/s)")
-    if args.without_effective_rank:
-        import vitdiag.probes.similarity as sim
-
-        # What-if only: the effective-rank column (the Gram's eigenvalues) replaced by zeros,
-        # the cosines still computed, to show its share.
-        def cosines_only(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            abs_sum, signed_sum = sim._pairwise_cosine_sums(h)
-            return abs_sum, signed_sum, torch.zeros_like(abs_sum)
-
-        sim._layer_stats = cosines_only
-        print("\nwhat-if, similarity without its effective-rank column:")
-        print(f"  similarity   {paired(('similarity',), args.reps)[0]:6.3f}")
-        print(f"  report       {paired(SHARED, args.reps)[0]:6.3f}")
 
 
 if __name__ == "__main__":

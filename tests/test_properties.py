@@ -196,20 +196,33 @@ def _layers(seed: int, n_images: int, dtype: torch.dtype) -> dict[str, torch.Ten
 _SIM_KEYS = ("mean", "std", "signed", "erank", "erank_std")
 
 
-def _similarity(layers: dict[str, torch.Tensor], bounds: list[int]) -> dict[str, float]:
+def _similarity(
+    layers: dict[str, torch.Tensor], bounds: list[int], indices: torch.Tensor | None = None
+) -> dict[str, float]:
+    """The effective rank is measured on the images whose global index is even (erank_every=2,
+    so the sample spans batches); a reordered stream must carry its images' indices along."""
     n = len(next(iter(layers.values())))
     batches = [
         {"layers": b, "targets": torch.full((len(next(iter(b.values()))),), -1)}
         for b in _batches(layers, bounds)
     ]
-    res = _run(SimilarityProbe(), batches)
+    if indices is not None:
+        for batch, cut in zip(batches, _batches({"i": indices}, bounds), strict=True):
+            batch["indices"] = cut["i"]
+    res = _run(SimilarityProbe(erank_every=2), batches)
     assert res.extra["n_images"] == n
     return {f"{k}.{i}": v for k in _SIM_KEYS for i, v in enumerate(res.extra[k])}
 
 
 def _check_similarity(a: dict, b: dict, dtype: torch.dtype) -> None:
     if dtype == torch.float64:
-        assert_close(a, b, REL64, 1e-12)
+        # The streamed std is √(E[x²] − E[x]²): for an effective rank of ~4 whose std over a
+        # sample of two images is ~1e-3, cancellation leaves ~eps·mean²/std ≈ 3e-12 absolute.
+        std = {k for k in a if k.startswith("erank_std")}
+        assert_close(
+            {k: a[k] for k in a.keys() - std}, {k: b[k] for k in b.keys() - std}, REL64, 1e-12
+        )
+        assert_close({k: a[k] for k in std}, {k: b[k] for k in std}, REL64, 1e-10)
         return
     for k in a:
         if k.startswith("erank"):
@@ -229,7 +242,8 @@ def test_similarity_ignores_batching_and_order(seed: int, split: tuple, dtype: t
     whole = _similarity(layers, [0, n])
     _check_similarity(_similarity(layers, bounds), whole, dtype)
     perm = torch.randperm(n, generator=_gen(seed + 1))
-    _check_similarity(_similarity({k: v[perm] for k, v in layers.items()}, bounds), whole, dtype)
+    permuted = {k: v[perm] for k, v in layers.items()}
+    _check_similarity(_similarity(permuted, bounds, indices=perm), whole, dtype)
 
 
 @FAST

@@ -46,6 +46,7 @@ class Settings:
     quiet: bool = True
     # probes
     layers: list[str] | None = None
+    erank_every: int = 16  # similarity: effective rank on images whose index is a multiple
     aug: str | Sequence[str] = "all"
     views: int = 4
     embedding: str = "prelogits"

@@ -59,6 +59,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "--per-class": (lambda v: v >= 1, "at least 1 (or leave it out for every image)"),
     "--nc4-budget": (lambda v: v >= 1, "at least 1, e.g. 10000"),
     "--bins": (lambda v: v >= 1, "at least 1, e.g. 15"),
+    "--erank-every": (lambda v: v >= 1, "at least 1 (1 measures every image), e.g. 16"),
     "--mixup": (lambda v: v >= 0, "0 (off) or a positive Beta α, e.g. 0.8"),
     "--cutmix": (lambda v: v >= 0, "0 (off) or a positive Beta α, e.g. 1.0"),
     "--reprob": (lambda v: 0 <= v <= 1, "a probability in [0, 1], e.g. 0.25"),

@@ -66,6 +66,14 @@ def report(
     layers: Annotated[
         str | None, typer.Option("--layers", help="Similarity: comma-separated layer names.")
     ] = None,
+    erank_every: Annotated[
+        int,
+        typer.Option(
+            "--erank-every",
+            help="Similarity: effective rank on the images whose index is a multiple of N "
+            "(1: every image).",
+        ),
+    ] = 16,
     aug: Annotated[
         str,
         typer.Option(
@@ -112,7 +120,13 @@ def report(
     if data is None and val is None and wanted != {"classifier"}:
         raise VitdiagError("report needs images: give --data DIR (and --val DIR for held-out).")
     c.validate()
-    check_ranges(pairs=pairs, nc4_budget=budget, per_class=per_class, native_size=c.native_size)
+    check_ranges(
+        pairs=pairs,
+        nc4_budget=budget,
+        per_class=per_class,
+        native_size=c.native_size,
+        erank_every=erank_every,
+    )
     check_invariance_options(aug, views, embedding)
     targets: list[str | None] = list(ckpts) if ckpts else [None]
     check_outputs(
@@ -124,6 +138,7 @@ def report(
     settings = c.settings(
         per_class=per_class,
         layers=[v.strip() for v in layers.split(",")] if layers else None,
+        erank_every=erank_every,
         aug=aug,
         views=views,
         embedding=embedding,

@@ -27,6 +27,14 @@ def similarity(
     layers: Annotated[
         str | None, typer.Option("--layers", help="Comma-separated layer names to measure.")
     ] = None,
+    erank_every: Annotated[
+        int,
+        typer.Option(
+            "--erank-every",
+            help="Similarity: effective rank on the images whose index is a multiple of N "
+            "(1: every image).",
+        ),
+    ] = 16,
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Write similarity against depth to this PNG.")
     ] = None,
@@ -48,11 +56,13 @@ def similarity(
 
     names = [s.strip() for s in layers.split(",")] if layers else None
     c.validate()
-    check_ranges(size=c.size, native_size=c.native_size)
+    check_ranges(size=c.size, native_size=c.native_size, erank_every=erank_every)
     check_outputs([Output("--json", c.json_out), Output("--plot", plot)], [*(ckpts or []), data])
     source = c.open()
     # Similarity never reads labels, so any data will do, whatever its classes.
-    settings = c.settings(layers=names, label_check=False, label="similarity")
+    settings = c.settings(
+        layers=names, erank_every=erank_every, label_check=False, label="similarity"
+    )
     labelled, models, data_desc = [], [], None
     for ckpt in [*(ckpts or [None]), *([_RANDOM] if random_baseline else [])]:
         if ckpt is _RANDOM:

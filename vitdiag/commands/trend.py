@@ -90,6 +90,14 @@ def trend(
     layers: Annotated[
         str | None, typer.Option("--layers", help="Similarity: comma-separated layer names.")
     ] = None,
+    erank_every: Annotated[
+        int,
+        typer.Option(
+            "--erank-every",
+            help="Similarity: effective rank on the images whose index is a multiple of N "
+            "(1: every image).",
+        ),
+    ] = 16,
     aug: Annotated[
         str, typer.Option("--aug", help="Invariance augmentations (comma list or all).")
     ] = "all",
@@ -136,7 +144,13 @@ def trend(
         if data is None and val is None and wanted != {"classifier"}:
             raise VitdiagError("trend needs images: give --data DIR (and --val DIR for held-out).")
         c.validate()
-        check_ranges(pairs=pairs, nc4_budget=budget, per_class=per_class, native_size=c.native_size)
+        check_ranges(
+            pairs=pairs,
+            nc4_budget=budget,
+            per_class=per_class,
+            native_size=c.native_size,
+            erank_every=erank_every,
+        )
         check_invariance_options(aug, views, embedding)
         found = [(name, study.find_checkpoints(items, name)) for name, items in named]
         inputs = [str(p) for _, paths in found for p in paths]
@@ -146,6 +160,7 @@ def trend(
         settings = c.settings(
             per_class=per_class,
             layers=[v.strip() for v in layers.split(",")] if layers else None,
+            erank_every=erank_every,
             aug=aug,
             views=views,
             embedding=embedding,

@@ -8,11 +8,19 @@ computed as (Σ|ĤĤᵀ| − tr ĤĤᵀ)/(n(n−1)) with Ĥ the rows of H scaled
 reports, per layer, the mean and the standard deviation of P over images, with the signed mean
 cosine and the effective rank of the token matrix beside it, which tell apart "all tokens point
 the same way" (signed ≈ P, effective rank → 1) from "tokens lie on a few opposite axes".
+
+P(h) and the signed cosine are measured on every image from a float32 Gram (sums in float64,
+within 4e-8 absolute of the float64 definition on real tokens). The effective rank, whose
+eigen-decomposition costs several times that Gram, is exact (float64 Gram) but measured on the
+images whose global index is a multiple of `erank_every` (default 16), a sample that does not
+depend on batch size, workers or process count.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -32,26 +40,30 @@ EPS = 1e-12
 # 56×56 = 3136 tokens, and a full (B, n, n) float64 Gram for B = 64 would need 5 GB.
 _GRAM_BLOCK_BYTES = 256 * 2**20
 
-# The dtype of the Grams for float32 tokens (float64 tokens always stay float64). Accelerators
-# use float32, where float64 is slow or missing. The CPU uses float64: float32 saved only ~10% of
-# the probe's time there (eigvalsh dominates) and cannot meet the effective rank's accuracy.
-_CPU_GRAM_DTYPE = torch.float64
+# Effective rank is measured on the images whose global index is a multiple of this (SPEC §2):
+# its eigen-decomposition costs ~4× the float32 Gram that P(h) needs, so measuring it on every
+# image made similarity cost 1.3× a bare ViT-S forward on the CPU.
+DEFAULT_ERANK_EVERY = 16
+
+
+# The cosine Grams' dtype for float32 tokens, float32 on every device: within 4e-8 of the
+# float64 definition, and float64 costs 2× on the CPU and 32–64× on consumer GPUs. Two names so
+# that benchmarks/bench_amp_agreement.py can force a float64 reference per device kind.
+_CPU_GRAM_DTYPE = torch.float32
 _ACCELERATOR_GRAM_DTYPE = torch.float32
 
 
-def _gram_dtype(h: torch.Tensor) -> torch.dtype:
-    if h.dtype == torch.float64:
-        return torch.float64
-    return _CPU_GRAM_DTYPE if h.device.type == "cpu" else _ACCELERATOR_GRAM_DTYPE
-
-
 def _tokens(h: torch.Tensor) -> torch.Tensor:
+    """Tokens for the cosine Gram (float64 tokens stay float64)."""
     if h.ndim != 3:
         raise ValueError(f"expected tokens of shape (B, n, D), got {tuple(h.shape)}")
-    # MPS has neither float64 sums nor eigvalsh; the CPU is exact and fast enough there.
+    # MPS has no float64 sums; the CPU is fast enough there.
     if h.device.type == "mps":
         h = h.cpu()
-    return h.detach().to(_gram_dtype(h))
+    h = h.detach()
+    if h.dtype == torch.float64:
+        return h
+    return h.to(_CPU_GRAM_DTYPE if h.device.type == "cpu" else _ACCELERATOR_GRAM_DTYPE)
 
 
 def _unit_rows(h: torch.Tensor) -> torch.Tensor:
@@ -63,19 +75,20 @@ def _cosine_sums_from_gram(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """Σ_{i≠j} |cos| and Σ_{i≠j} cos per image from the raw Gram G = HHᵀ.
 
     Σ_ij |cos_ij| = Σ_ij |G_ij| r_i r_j with r_i = 1/‖h_i‖, a bilinear form: no cosine matrix is
-    materialised, and the sums run in float64 whatever the Gram's dtype.
+    materialised. The row sums Σ_j |G_ij| r_j run in the Gram's dtype (n terms each), the sums
+    over rows and images in float64.
     """
     sq = g.diagonal(dim1=-2, dim2=-1).to(torch.float64)  # ‖h_i‖²
     r = torch.where(sq > EPS * EPS, sq.clamp_min(EPS * EPS).rsqrt(), torch.zeros_like(sq))
-    g64 = g.to(torch.float64)
+    r_g = r.to(g.dtype)[..., None]
 
     def bilinear(m: torch.Tensor) -> torch.Tensor:
-        return (torch.bmm(m, r[..., None]).squeeze(-1) * r).sum(dim=-1)
+        return (torch.bmm(m, r_g).squeeze(-1).to(torch.float64) * r).sum(dim=-1)
 
     # The diagonal is 1 for a real token and 0 for a zero token: subtract what is there rather
     # than n, which keeps a zero token at cosine 0 with everything.
     diag = (sq * r * r).sum(dim=-1)
-    return bilinear(g64.abs()) - diag, bilinear(g64) - diag
+    return bilinear(g.abs()) - diag, bilinear(g) - diag
 
 
 def _cosine_sums_blocked(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,20 +107,16 @@ def _cosine_sums_blocked(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _effective_rank_from_eigenvalues(lam: torch.Tensor, n: int, d: int) -> torch.Tensor:
-    """Effective rank from the eigenvalues σ_i² of HHᵀ or HᵀH (ascending, as eigvalsh gives).
+    """Effective rank from the eigenvalues σ_i² of the float64 HHᵀ or HᵀH (ascending).
 
-    Eigenvalues at or below a cutoff are zero: the Gram's rounding puts noise of about
-    eps · λ_max on a null space, whose square root would otherwise count as singular values of
-    relative size √eps (a rank-1 matrix would get 1.02–1.1, not 1). The cutoff is
-    max(n, D) · eps · λ_max for a float64 Gram (numpy's matrix_rank tolerance) but only
-    eps · λ_max for a float32 one: real tokens carry many singular values between 1e-3 and 1e-2
-    of the largest, and the larger float32 cutoff dropped enough of them to move the effective
-    rank by 15% on the fixture model's tokens.
+    Eigenvalues at or below max(n, D) · eps · λ_max (numpy's matrix_rank tolerance) are zero:
+    the Gram's rounding puts noise of about eps · λ_max on a null space, whose square root
+    would otherwise count as singular values of relative size √eps (a rank-1 matrix would get
+    1.02–1.1, not 1).
     """
-    eps = torch.finfo(lam.dtype).eps
-    scale = max(n, d) if lam.dtype == torch.float64 else 1
+    eps = torch.finfo(torch.float64).eps
     lam = lam.to(torch.float64)
-    cutoff = scale * eps * lam[..., -1:].clamp_min(0)
+    cutoff = max(n, d) * eps * lam[..., -1:].clamp_min(0)
     s = torch.where(lam > cutoff, lam, torch.zeros_like(lam)).sqrt()
     total = s.sum(dim=-1, keepdim=True)
     p = s / total.clamp_min(torch.finfo(torch.float64).tiny)
@@ -115,27 +124,37 @@ def _effective_rank_from_eigenvalues(lam: torch.Tensor, n: int, d: int) -> torch
     return torch.where(total.squeeze(-1) > 0, entropy.exp(), torch.zeros_like(entropy))
 
 
-def _layer_stats(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Σ_{i≠j} |cos|, Σ_{i≠j} cos, effective rank) per image, all (B,) float64.
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread for a while. The batched eigvalsh of small Grams gains nothing from
+    more, and on a loaded machine 2 threads took 0.8–8.7 s where one took 0.04 s."""
+    before = torch.get_num_threads()
+    if before != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            torch.set_num_threads(before)
 
-    One matmul feeds all three when n ≤ D: the Gram HHᵀ gives the cosines once scaled by the
-    row norms (its diagonal), and its eigenvalues are the squared singular values of H.
-    When n > D the effective rank comes from the smaller HᵀH instead.
-    """
-    h = _tokens(h)
-    b, n, d = h.shape
-    if n <= d:
-        g = torch.bmm(h, h.mT)
-        abs_sum, signed_sum = _cosine_sums_from_gram(g)
-    else:
-        abs_sum, signed_sum = _cosine_sums_blocked(h)
-        g = torch.bmm(h.mT, h)
-    lam = torch.linalg.eigvalsh(g)
-    return abs_sum, signed_sum, _effective_rank_from_eigenvalues(lam, n, d)
+
+def _erank_exact(h: torch.Tensor) -> torch.Tensor:
+    """Effective rank per image from the float64 Gram (the smaller of HHᵀ and HᵀH)."""
+    if h.ndim != 3:
+        raise ValueError(f"expected tokens of shape (B, n, D), got {tuple(h.shape)}")
+    if h.device.type == "mps":
+        h = h.cpu()
+    h = h.detach().to(torch.float64)
+    _, n, d = h.shape
+    g = torch.bmm(h, h.mT) if n <= d else torch.bmm(h.mT, h)
+    with _one_thread():
+        lam = torch.linalg.eigvalsh(g)
+    return _effective_rank_from_eigenvalues(lam, n, d)
 
 
 def _pairwise_cosine_sums(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ_{i≠j} |cos| and Σ_{i≠j} cos per image, summed in float64."""
+    """Σ_{i≠j} |cos| and Σ_{i≠j} cos per image: the Gram in float32 (float64 for float64
+    tokens), the sums in float64."""
     h = _tokens(h)
     if h.shape[1] <= h.shape[2]:
         return _cosine_sums_from_gram(torch.bmm(h, h.mT))
@@ -153,6 +172,11 @@ def patchwise_abs_cosine(h: torch.Tensor) -> torch.Tensor:
     h: (B, n, D) grid tokens, prefix tokens already removed. Returns (B,) float64 on h's device.
     An all-zero token counts as orthogonal to every other token (cosine 0, not NaN) and still
     counts in the n(n−1) pairs. With n == 1 there are no pairs and the result is NaN.
+
+    Precision (SPEC §2): the Gram is float32 on every device for float32 tokens (float64 tokens
+    stay float64); the per-image sums over pairs are float64. Against the float64 definition on
+    the fixture model's hooked tokens (n = 64, D = 64) P(h) and the signed cosine are within
+    4e-8 absolute; the tests hold them to 1e-6.
     """
     abs_sum, _ = _pairwise_cosine_sums(h)
     return abs_sum / _pair_count(h.shape[1])
@@ -174,16 +198,32 @@ def effective_rank(h: torch.Tensor) -> torch.Tensor:
     1 for a rank-1 matrix and k for k orthonormal rows. An all-zero matrix gets 0, its rank,
     since its singular values cannot be normalised.
 
-    The σ_i are square roots of the eigenvalues of the smaller Gram (HHᵀ or HᵀH), not an SVD;
-    squaring loses the smallest singular values to rounding. Error against a float64 SVD on
-    the fixture model's tokens (σ_min/σ_max down to 1e-8): ≤ 3e-7 relative with the float64
-    Gram (CPU, float64 tokens), ≤ 4e-3 relative with the float32 Gram of accelerators; P(h)
-    and the signed cosine stay within 1e-15 and 3e-8 absolute respectively.
+    The σ_i are square roots of the eigenvalues of the smaller float64 Gram (HHᵀ or HᵀH), on
+    every device, not an SVD: eigenvalues below max(n, D) · eps64 · λ_max are zero. Against a
+    float64 SVD on the fixture model's tokens: ≤ 1.1e-10 relative on every layer but the final
+    norm's, whose σ_min/σ_max ≈ 1e-8 fall under that cutoff: 2.7e-7 relative there.
     """
-    return _layer_stats(h)[2]
+    return _erank_exact(h)
 
 
-_STATS = ("count", "p_sum", "p_sq", "signed_sum", "signed_sq", "erank_sum", "erank_sq", "tokens")
+_STATS = (
+    "count",
+    "p_sum",
+    "p_sq",
+    "signed_sum",
+    "signed_sq",
+    "erank_n",  # images whose effective rank was measured (the sample)
+    "erank_sum",
+    "erank_sq",
+    "first_n",  # 1 once the stream's first image was seen (on rank 0), else 0
+    "erank_first",  # its effective rank: the fallback when the sample is empty
+    "tokens",
+)
+
+ERANK_DEFINITION = (
+    "roy-vetterli-2007-erank-v2: mean over the images whose global index is a multiple of "
+    "erank_every (the stream's first image when none is), float64 Gram eigenvalues"
+)
 
 
 class SimilarityProbe(Probe):
@@ -191,6 +231,10 @@ class SimilarityProbe(Probe):
 
     layers: a subset of the family's layer names to measure (None: all of them). The names come
     from the model's family taps, so they are checked against the first batch.
+    erank_every: the effective rank is measured on the images whose global index (the source
+    index the loader gives, else the position in the single-process stream) is a multiple of
+    this, so the sample does not depend on batch size, workers or process count; 1 measures it
+    on every image.
     """
 
     name = "similarity"
@@ -214,14 +258,23 @@ class SimilarityProbe(Probe):
 
     @classmethod
     def build(cls, loaded: Any, settings: Any, transform: Any) -> SimilarityProbe:
-        return cls(settings.layers)
+        every = getattr(settings, "erank_every", DEFAULT_ERANK_EVERY)
+        return cls(settings.layers, erank_every=every)
 
-    def __init__(self, layers: list[str] | None = None) -> None:
+    def __init__(
+        self, layers: list[str] | None = None, erank_every: int = DEFAULT_ERANK_EVERY
+    ) -> None:
         super().__init__()
         if layers is not None and len(layers) == 0:
             raise VitdiagError("--layers was given without a layer name; name at least one.")
+        if isinstance(erank_every, bool) or not isinstance(erank_every, int) or erank_every < 1:
+            raise VitdiagError(
+                f"--erank-every must be at least 1 (1 measures every image), got {erank_every}."
+            )
         self.requested = None if layers is None else list(layers)
+        self.erank_every = erank_every
         self.layer_names: list[str] | None = None
+        self._seen = 0  # images this process has seen: the stream position of the next batch
 
     def _resolve_layers(self, available: list[str]) -> list[str]:
         if self.requested is None:
@@ -235,37 +288,68 @@ class SimilarityProbe(Probe):
         wanted = set(self.requested)
         return [name for name in available if name in wanted]  # depth order, not request order
 
+    def _positions(self, b: int, indices: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global indices of this batch's images, and which of them is the stream's first.
+
+        The source indices when the loader gives them, else stream positions: `make_loader`
+        shards by stride (rank::world), so local image k of rank r is image r + k·world of the
+        single-process order, whatever the number of processes.
+        """
+        import torch.distributed as dist
+
+        rank, world = 0, 1
+        if dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+        stream = rank + (self._seen + torch.arange(b)) * world
+        given = stream if indices is None else indices.detach().cpu().to(torch.int64)
+        return given, stream == 0
+
     def update(self, taps: Taps) -> None:
         if self.layer_names is None:
             self.layer_names = self._resolve_layers(list(taps.layers))
             # States are created once the layer count is known, all of shape (L,).
             for stat in _STATS:
                 self.add_sum_state(stat, (len(self.layer_names),))
-        rows = []
+        b = taps.images.shape[0]
+        index, first = self._positions(b, getattr(taps, "indices", None))
+        self._seen += b
+        sampled = index % self.erank_every == 0
+        # One eigen-decomposition per image of the sample and of the fallback (the first image).
+        rows = torch.nonzero(sampled | first).squeeze(-1)
+        weights = torch.stack([sampled[rows], first[rows]]).to(torch.float64)  # (2, k)
+        out = []
         for name in self.layer_names:
             if name not in taps.layers:
                 raise VitdiagError(f"layer {name} is missing from a batch's taps.")
             h = taps.layers[name]
-            b, n = h.shape[0], h.shape[1]
-            abs_sum, signed_sum, r = _layer_stats(h)  # one Gram for all three
+            n = h.shape[1]
+            abs_sum, signed_sum = _pairwise_cosine_sums(h)
             p = abs_sum / _pair_count(n)
             s = signed_sum / _pair_count(n)
-            rows.append(
+            r = _erank_exact(h[rows.to(h.device)]) if len(rows) else p.new_zeros(0)
+            w = weights.to(p.device)
+            sample_n, first_n = w.sum(dim=1)
+            (sample_sum, first_sum), sample_sq = w @ r, w[0] @ r.square()
+            one = p.new_ones(())
+            out.append(
                 torch.stack(
                     [
-                        torch.tensor(float(b), dtype=torch.float64, device=p.device),
+                        one * b,
                         p.sum(),
                         p.square().sum(),
                         s.sum(),
                         s.square().sum(),
-                        r.sum(),
-                        r.square().sum(),
-                        torch.tensor(float(b * n), dtype=torch.float64, device=p.device),
+                        sample_n,
+                        sample_sum,
+                        sample_sq,
+                        first_n,
+                        first_sum,
+                        one * (b * n),
                     ]
                 )
             )
         # One device-to-host copy per batch rather than one per statistic and layer.
-        sums = torch.stack(rows).cpu()
+        sums = torch.stack(out).cpu()
         for k, stat in enumerate(_STATS):
             getattr(self, stat).add_(sums[:, k])
 
@@ -277,8 +361,7 @@ class SimilarityProbe(Probe):
         mean = (self.p_sum / count).tolist()
         std = _std(self.p_sum, self.p_sq, count).tolist()
         signed = (self.signed_sum / count).tolist()
-        erank = (self.erank_sum / count).tolist()
-        erank_std = _std(self.erank_sum, self.erank_sq, count).tolist()
+        erank, erank_std, erank_images = self._erank()
         names = self.layer_names
 
         metrics: dict[str, float] = {}
@@ -314,6 +397,7 @@ class SimilarityProbe(Probe):
             )
         if has_norm:
             notes.append("last_block is the last block's output; final_norm the final norm's.")
+        notes.append(self._erank_note(erank_images, int(count[0].item()) if len(names) else 0))
         return Result(
             probe=self.name,
             definition=DEFINITION,
@@ -329,8 +413,41 @@ class SimilarityProbe(Probe):
                 "erank_std": erank_std,
                 "n_tokens": [int(round(t)) for t in tokens],
                 "n_images": int(count[0].item()) if len(names) else 0,
+                "erank_every": self.erank_every,
+                "erank_images": erank_images,
+                "erank_definition": ERANK_DEFINITION,
             },
         )
+
+    def _erank(self) -> tuple[list[float], list[float], int]:
+        """Mean and std of the effective rank over the sample, per layer, and the sample size;
+        the first image alone (std 0) when the sample is empty."""
+        n = self.erank_n
+        if len(n) and n[0] > 0:
+            return (
+                (self.erank_sum / n).tolist(),
+                _std(self.erank_sum, self.erank_sq, n).tolist(),
+                int(n[0]),
+            )
+        if len(n) and self.first_n[0] > 0:
+            return (self.erank_first / self.first_n).tolist(), [0.0] * len(n), 1
+        return [math.nan] * len(n), [math.nan] * len(n), 0
+
+    def _erank_note(self, images: int, total: int) -> str:
+        sampled = self.erank_n[0] > 0 if len(self.erank_n) else False
+        if self.erank_every == 1:
+            which = "measured on every image"
+        elif sampled:
+            which = (
+                f"measured on the {images} of {total} images whose global index is a multiple "
+                f"of {self.erank_every} (--erank-every)"
+            )
+        else:
+            which = (
+                f"measured on the first image only: none of the {total} images has a global "
+                f"index that is a multiple of {self.erank_every} (--erank-every)"
+            )
+        return f"eff. rank (mean and std) {which}; P(h) and signed cos use every image."
 
 
 def _std(total: torch.Tensor, sq: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
