@@ -315,7 +315,7 @@ def degenerate_notes(sums: ClassSums, W: torch.Tensor, label: str = "") -> list[
 def process_rank() -> int:
     import torch.distributed as dist
 
-    return dist.getprocess_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 class CollapseProbe(Probe):
