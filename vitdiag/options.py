@@ -13,13 +13,14 @@ import typer
 # --workers' default: half the usable CPUs, at most 8 (see vitdiag.hardware).
 from vitdiag.hardware import DEFAULT_WORKERS as DEFAULT_WORKERS
 
-MODEL, DATA, RUNTIME, OUTPUT = "Model", "Data", "Runtime", "Output"
+MODEL, DATA, RUNTIME, OUTPUT, PROBES = "Model", "Data", "Runtime", "Output", "Probes"
 
 Checkpoint = Annotated[
     str | None,
     typer.Argument(
-        help="Checkpoint: a .safetensors/.pt/.pth/.bin file or a directory with config.json. "
-        "Leave out and give --arch for random weights.",
+        help="Checkpoint: a .safetensors/.pt/.pth/.bin file, a folder (timm or transformers), "
+        "an hf-hub:ORG/NAME or a timm pretrained tag. Leave out and give --arch for random "
+        "weights.",
         show_default=False,
     ),
 ]
@@ -152,4 +153,98 @@ JsonOut = Annotated[
 ]
 Quiet = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=RUNTIME)
+]
+
+# -- the options of the commands that run every probe (report, trend) -------------------------
+
+TrainData = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help="Images: collapse, mixup geometry, similarity and invariance run here (the "
+        "training split), and everything else too when --val is not given.",
+        rich_help_panel=DATA,
+    ),
+]
+Val = Annotated[
+    str | None,
+    typer.Option(
+        "--val", help="Validation images: eval, calibration and variance.", rich_help_panel=DATA
+    ),
+]
+Sizes = Annotated[
+    str | None,
+    typer.Option(
+        "--sizes",
+        help="Extra test sizes for the variance probe, e.g. 288,384.",
+        rich_help_panel=PROBES,
+    ),
+]
+Force = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="Replace an existing non-empty --out folder.", rich_help_panel=OUTPUT
+    ),
+]
+Plots = Annotated[
+    bool,
+    typer.Option(
+        "--plots/--no-plots", help="Draw the PNG figures (matplotlib).", rich_help_panel=OUTPUT
+    ),
+]
+Probes = Annotated[
+    str,
+    typer.Option(
+        "--probes",
+        help="Comma list of probes (classifier, eval, calibration, variance, collapse, "
+        "mixup_geometry, similarity, invariance) or all: every one that applies.",
+        rich_help_panel=PROBES,
+    ),
+]
+PerClass = Annotated[
+    int | None,
+    typer.Option("--per-class", help="At most N --data images per class.", rich_help_panel=PROBES),
+]
+Layers = Annotated[
+    str | None,
+    typer.Option(
+        "--layers", help="Similarity: comma-separated layer names.", rich_help_panel=PROBES
+    ),
+]
+ErankEvery = Annotated[
+    int,
+    typer.Option(
+        "--erank-every",
+        help="Similarity: effective rank on the images whose index is a multiple of N "
+        "(1: every image).",
+        rich_help_panel=PROBES,
+    ),
+]
+Aug = Annotated[
+    str,
+    typer.Option(
+        "--aug",
+        help="Invariance augmentations (comma list or all); each costs --views extra "
+        "forwards per image.",
+        rich_help_panel=PROBES,
+    ),
+]
+Views = Annotated[
+    int, typer.Option("--views", help="Invariance: views per image.", rich_help_panel=PROBES)
+]
+Embedding = Annotated[
+    str,
+    typer.Option("--embedding", help="Invariance: prelogits, cls or gap.", rich_help_panel=PROBES),
+]
+Pairs = Annotated[
+    int,
+    typer.Option("--pairs", help="Mixup geometry: pairs of each kind.", rich_help_panel=PROBES),
+]
+Nc4Budget = Annotated[
+    int,
+    typer.Option(
+        "--nc4-budget",
+        help="Images kept for NC4 (exact up to this many).",
+        rich_help_panel=PROBES,
+    ),
 ]

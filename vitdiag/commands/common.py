@@ -98,6 +98,40 @@ class Shared:
         )
         parse_norm(self.mean, self.std)
 
+    def probe_settings(
+        self,
+        *,
+        per_class: int | None,
+        layers: str | None,
+        erank_every: int,
+        aug: str,
+        views: int,
+        embedding: str,
+        pairs: int,
+        budget: int,
+    ):
+        """Check the options of every probe (report, trend), then the runner's `Settings`."""
+        from vitdiag.validation import check_invariance_options
+
+        check_ranges(
+            pairs=pairs,
+            nc4_budget=budget,
+            per_class=per_class,
+            native_size=self.native_size,
+            erank_every=erank_every,
+        )
+        check_invariance_options(aug, views, embedding)
+        return self.settings(
+            per_class=per_class,
+            layers=[v.strip() for v in layers.split(",")] if layers else None,
+            erank_every=erank_every,
+            aug=aug,
+            views=views,
+            embedding=embedding,
+            pairs=pairs,
+            nc4_budget=budget,
+        )
+
     def settings(self, **more: Any):
         """The runner's `Settings`: data and runtime options, plus the probe options in `more`."""
         from vitdiag.runner import Settings

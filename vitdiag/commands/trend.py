@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from vitdiag import options as o
 from vitdiag.commands.common import Shared, shared
 from vitdiag.errors import VitdiagError
 
@@ -30,18 +31,8 @@ Checkpoints = Annotated[
 @shared("model", "images", "interpolation", "crop_pct", "runtime")
 def trend(
     ckpts: Checkpoints = None,
-    data: Annotated[
-        str | None,
-        typer.Option(
-            "--data",
-            help="Images: collapse, mixup geometry, similarity and invariance run here (the "
-            "training split), and everything else too when --val is not given.",
-        ),
-    ] = None,
-    val: Annotated[
-        str | None,
-        typer.Option("--val", help="Validation images: eval, calibration and variance."),
-    ] = None,
+    data: o.TrainData = None,
+    val: o.Val = None,
     run: Annotated[
         list[str] | None,
         typer.Option(
@@ -58,57 +49,27 @@ def trend(
             "no images needed.",
         ),
     ] = False,
-    sizes: Annotated[
-        str | None,
-        typer.Option("--sizes", help="Extra test sizes for the variance shift, e.g. 288,384."),
-    ] = None,
+    sizes: o.Sizes = None,
     out: Annotated[
         Path | None,
         typer.Option(
             "--out",
             help="Folder for trend.md, trend.json and the PNGs (default vitdiag-trend, or "
             "none when only --json is given).",
+            rich_help_panel=o.OUTPUT,
         ),
     ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Replace an existing non-empty --out folder.")
-    ] = False,
-    plots: Annotated[
-        bool, typer.Option("--plots/--no-plots", help="Draw the PNG figures (matplotlib).")
-    ] = True,
-    probes: Annotated[
-        str,
-        typer.Option(
-            "--probes",
-            help="Comma list of probes (classifier, eval, calibration, variance, collapse, "
-            "mixup_geometry, similarity, invariance) or all: every one that applies.",
-        ),
-    ] = "all",
-    per_class: Annotated[
-        int | None, typer.Option("--per-class", help="At most N --data images per class.")
-    ] = None,
-    layers: Annotated[
-        str | None, typer.Option("--layers", help="Similarity: comma-separated layer names.")
-    ] = None,
-    erank_every: Annotated[
-        int,
-        typer.Option(
-            "--erank-every",
-            help="Similarity: effective rank on the images whose index is a multiple of N "
-            "(1: every image).",
-        ),
-    ] = 16,
-    aug: Annotated[
-        str, typer.Option("--aug", help="Invariance augmentations (comma list or all).")
-    ] = "all",
-    views: Annotated[int, typer.Option("--views", help="Invariance: views per image.")] = 4,
-    embedding: Annotated[
-        str, typer.Option("--embedding", help="Invariance: prelogits, cls or gap.")
-    ] = "prelogits",
-    pairs: Annotated[int, typer.Option("--pairs", help="Mixup geometry: pairs of each kind.")] = 64,
-    budget: Annotated[
-        int, typer.Option("--nc4-budget", help="Images kept for NC4 (exact up to this many).")
-    ] = 10000,
+    force: o.Force = False,
+    plots: o.Plots = True,
+    probes: o.Probes = "all",
+    per_class: o.PerClass = None,
+    layers: o.Layers = None,
+    erank_every: o.ErankEvery = 16,
+    aug: o.Aug = "all",
+    views: o.Views = 4,
+    embedding: o.Embedding = "prelogits",
+    pairs: o.Pairs = 64,
+    budget: o.Nc4Budget = 10000,
     c: Shared = None,
 ) -> None:
     """Run the probes on every checkpoint of a run (or read a Tracker's log) and plot them
@@ -119,14 +80,7 @@ def trend(
     from vitdiag.results import dumps, json_to_stdout, write_json_text
     from vitdiag.runner import open_source, parse_probes
     from vitdiag.studies import trend as study
-    from vitdiag.validation import (
-        Output,
-        check_invariance_options,
-        check_outputs,
-        check_ranges,
-        parse_model_args,
-        parse_sizes,
-    )
+    from vitdiag.validation import Output, check_outputs, parse_model_args, parse_sizes
 
     named = _runs(ckpts, run)
     out = out if out is not None or c.json_out is not None else Path("vitdiag-trend")
@@ -144,29 +98,21 @@ def trend(
         if data is None and val is None and wanted != {"classifier"}:
             raise VitdiagError("trend needs images: give --data DIR (and --val DIR for held-out).")
         c.validate()
-        check_ranges(
-            pairs=pairs,
-            nc4_budget=budget,
+        settings = c.probe_settings(
             per_class=per_class,
-            native_size=c.native_size,
-            erank_every=erank_every,
-        )
-        check_invariance_options(aug, views, embedding)
-        found = [(name, study.find_checkpoints(items, name)) for name, items in named]
-        inputs = [str(p) for _, paths in found for p in paths]
-        check_outputs(outputs, [*inputs, data, val], force=force)
-        if out is not None:
-            prepare_out(out, force)
-        settings = c.settings(
-            per_class=per_class,
-            layers=[v.strip() for v in layers.split(",")] if layers else None,
+            layers=layers,
             erank_every=erank_every,
             aug=aug,
             views=views,
             embedding=embedding,
             pairs=pairs,
-            nc4_budget=budget,
+            budget=budget,
         )
+        found = [(name, study.find_checkpoints(items, name)) for name, items in named]
+        inputs = [str(p) for _, paths in found for p in paths]
+        check_outputs(outputs, [*inputs, data, val], force=force)
+        if out is not None:
+            prepare_out(out, force)
         model = study.ModelOptions(
             c.arch, c.ema, c.unsafe_pickle, parse_model_args(c.model_arg), c.native_size
         )
