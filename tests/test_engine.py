@@ -179,3 +179,28 @@ def test_an_empty_pass_is_a_clear_error():
     model = _build("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2))
     with pytest.raises(VitdiagError, match="no image could be read"):
         run_probes(model, [], [AccuracyProbe()], device="cpu")
+
+
+def test_variance_probe_reads_the_patch_embedding_of_the_shared_forward():
+    """X = patch_embed(images) is taken from the forward the engine runs anyway (one
+    patch_embed call per batch), and equals what a separate patch_embed call gives."""
+    from vitdiag.probes.variance import VarianceShiftProbe, patch_tokens, variances_from_sums
+
+    model = _build("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2))
+    calls = []
+    model.patch_embed.register_forward_hook(lambda *a: calls.append(1))
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(10, 3, 32, 32, generator=g)
+    batches = [
+        (images[i : i + 4], torch.zeros(len(images[i : i + 4]), dtype=torch.long))
+        for i in range(0, 10, 4)
+    ]
+    probe = VarianceShiftProbe(measure_x=True, accuracy=False)
+    result = run_probes(model, batches, [probe], device="cpu").results[0]
+    assert len(calls) == 3
+    with torch.inference_mode():
+        x = patch_tokens(model, images).double()
+    assert result.metrics["var_x_global"] == pytest.approx(float(x.var(unbiased=False)), rel=1e-12)
+    assert variances_from_sums(probe.x_sums)["per_token"] == pytest.approx(
+        float(x.var(dim=-1, unbiased=False).mean()), rel=1e-12
+    )

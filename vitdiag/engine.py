@@ -21,7 +21,7 @@ import torch
 
 from vitdiag.errors import VitdiagError
 from vitdiag.families import NCHW, NHWC, NLC, PIT, LayerTap, family_of, module_at
-from vitdiag.probes.base import FEATURES, LAYERS, LOGITS, PRELOGITS, Probe, Taps
+from vitdiag.probes.base import FEATURES, LAYERS, LOGITS, PATCH, PRELOGITS, Probe, Taps
 from vitdiag.results import Result
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -318,6 +318,14 @@ def _run_probes(
     recorder = LayerRecorder(model, family_of(model).layer_taps(model)) if LAYERS in needs else None
     want_pre = PRELOGITS in needs
     want_logits = LOGITS in needs
+    # The patch embedding is computed by the forward anyway: a hook keeps it rather than a
+    # probe running patch_embed a second time.
+    patch_seen: dict[str, Any] = {}
+    patch_hook = None
+    if PATCH in needs and getattr(model, "patch_embed", None) is not None:
+        patch_hook = model.patch_embed.register_forward_hook(
+            lambda _m, _a, out: patch_seen.__setitem__("out", out)
+        )
 
     n_images = n_bad = 0
     start = time.perf_counter()
@@ -344,6 +352,7 @@ def _run_probes(
                 if want_logits:
                     taps.logits = _float(model.forward_head(feats))
             taps.features = _float(feats) if FEATURES in needs else None
+            taps.patch = patch_seen.pop("out", None)
             taps.images = x
             taps.targets = taps.targets.to(device, non_blocking=True)
             if recorder is not None:
@@ -358,6 +367,8 @@ def _run_probes(
             progress.stop()
         if recorder is not None:
             recorder.close()
+        if patch_hook is not None:
+            patch_hook.remove()
 
     world = 1
     if is_distributed():

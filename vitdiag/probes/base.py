@@ -21,6 +21,7 @@ FEATURES = "features"  # output of forward_features (tokens after the final norm
 PRELOGITS = "prelogits"  # classifier input, forward_head(..., pre_logits=True)
 LOGITS = "logits"  # model output
 LABELS = "labels"  # the probe is meaningless without labels
+PATCH = "patch"  # what patch_embed returned in the forward (the variance probe's X)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Taps:
     context: Any = None  # the engine's RunContext, for probes that run extra forwards
     indices: torch.Tensor | None = None  # (B,) source indices, when the loader gives them
     views: dict[str, torch.Tensor] | None = None  # what the loader's workers made (data.Batch)
+    patch: Any = None  # patch_embed's output in this batch's forward, as the module returned it
 
     @property
     def labelled(self) -> torch.Tensor:

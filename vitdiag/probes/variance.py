@@ -33,7 +33,7 @@ from vitdiag.posembed import (
     swapped_table,
     target_table,
 )
-from vitdiag.probes.base import EVAL, LOGITS, Probe, Taps
+from vitdiag.probes.base import EVAL, LOGITS, PATCH, Probe, Taps
 from vitdiag.results import Result
 
 DEFINITION = "variance-shift-v1"
@@ -58,7 +58,12 @@ def patch_tokens(model: Any, images: torch.Tensor) -> torch.Tensor:
             f"{type(model).__name__} has no patch_embed module, so its patch embedding cannot "
             "be measured."
         )
-    x = embed(images)
+    return as_grid_tokens(model, embed(images))
+
+
+def as_grid_tokens(model: Any, x: Any) -> torch.Tensor:
+    """What patch_embed returned, as (B, n, D) grid tokens, whatever layout the family uses."""
+    embed = model.patch_embed
     if isinstance(x, (tuple, list)):
         x = x[0]
     if x.ndim == 3:
@@ -173,7 +178,9 @@ class VarianceShiftProbe(Probe):
         self.groups = list(groups)
         self.measure_x = measure_x
         self.accuracy = accuracy and bool(self.groups)
-        self.needs = frozenset({LOGITS}) if self.accuracy else frozenset()
+        self.needs = frozenset({LOGITS} if self.accuracy else ()) | (
+            {PATCH} if measure_x else set()
+        )
         self.add_sum_state("x_sums", (5,))
         self.add_sum_state("n_labelled")
         # per group: [correct, Σ NLL]
@@ -184,7 +191,10 @@ class VarianceShiftProbe(Probe):
         model = ctx.model
         if self.measure_x:
             with torch.inference_mode(), ctx.autocast():
-                x = patch_tokens(model, taps.images)
+                if taps.patch is not None:  # captured from the forward by the engine
+                    x = as_grid_tokens(model, taps.patch)
+                else:
+                    x = patch_tokens(model, taps.images)
             self.x_sums += variance_sums(x)
         if not self.accuracy:
             return
