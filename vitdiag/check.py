@@ -460,3 +460,63 @@ def junit_xml(
             failure.text = f"measured {t.metric} = {measured}; expected {t.expected()}"
     ET.indent(root)
     return b'<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="utf-8")
+
+
+# -- what `vitdiag check` runs and writes --------------------------------------------------------
+
+
+def run_settings(cfg: CheckConfig, *, limit: int | None, runtime: Any) -> Any:
+    """The runner's Settings from the config; `runtime` carries device, amp, channels_last
+    and quiet from the command line, and `limit` overrides the config's."""
+    from vitdiag.runner import Settings
+
+    return Settings(
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        limit=limit or cfg.limit,
+        seed=cfg.seed,
+        per_class=cfg.per_class,
+        device=runtime.device,
+        amp=runtime.amp,
+        channels_last=runtime.channels_last,
+        quiet=runtime.quiet,
+        aug=cfg.aug,
+        views=cfg.views,
+        embedding=cfg.embedding,
+        pairs=cfg.pairs,
+        nc4_budget=cfg.nc4_budget,
+    )
+
+
+def check_document(outcomes: Sequence[Outcome], results: Any, model: dict) -> dict:
+    """The --json document: every result, then each check with what it measured."""
+    from vitdiag.results import document, jsonable
+
+    doc = document("check", list(results), model, results.data or None)
+    doc["checks"] = [
+        {
+            "check": x.threshold.text,
+            "metric": x.threshold.metric,
+            "expected": x.threshold.expected(),
+            "measured": x.measured,
+            "passed": x.passed,
+        }
+        for x in outcomes
+    ]
+    return jsonable(doc)
+
+
+def check_junit(
+    outcomes: Sequence[Outcome], label: str, seconds: float, model: dict, config: Path
+) -> bytes:
+    return junit_xml(
+        outcomes,
+        suite=f"vitdiag check {label}",
+        seconds=seconds,
+        properties={
+            "checkpoint": model.get("path"),
+            "sha256": model.get("sha256"),
+            "arch": model.get("arch"),
+            "config": str(config),
+        },
+    )

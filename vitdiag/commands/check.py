@@ -42,7 +42,7 @@ def check(
     c: Shared = None,
 ) -> None:
     """Check a checkpoint against thresholds such as "collapse.nc1 < 0.5" (exit 1 on failure)."""
-    from vitdiag.check import find_config, judge, junit_xml, load_config, render_outcomes
+    from vitdiag.check import find_config, judge, load_config, render_outcomes
     from vitdiag.errors import CheckFailed, VitdiagError
     from vitdiag.validation import Output, check_invariance_options, check_outputs, check_ranges
 
@@ -65,35 +65,14 @@ def check(
             'data = "path/to/val" (and optionally train = "path/to/train") or pass --data.'
         )
 
+    from vitdiag.check import check_document, check_junit, run_settings
     from vitdiag.engine import is_main_process
     from vitdiag.model import describe
     from vitdiag.report import console
-    from vitdiag.results import (
-        document,
-        dumps,
-        json_to_stdout,
-        jsonable,
-        write_atomic,
-        write_json_text,
-    )
-    from vitdiag.runner import Settings, run_all
+    from vitdiag.results import dumps, json_to_stdout, write_atomic, write_json_text
+    from vitdiag.runner import run_all
 
-    settings = Settings(
-        batch_size=cfg.batch_size,
-        workers=cfg.workers,
-        limit=limit or cfg.limit,
-        seed=cfg.seed,
-        per_class=cfg.per_class,
-        device=c.device,
-        amp=c.amp,
-        channels_last=c.channels_last,
-        quiet=c.quiet,
-        aug=cfg.aug,
-        views=cfg.views,
-        embedding=cfg.embedding,
-        pairs=cfg.pairs,
-        nc4_budget=cfg.nc4_budget,
-    )
+    settings = run_settings(cfg, limit=limit, runtime=c)
     loaded, _ = c.load(ckpt)
     # `train` feeds the training-split probes; `data` is then the held-out split.
     source, val_source = (train, data) if train is not None else (data, None)
@@ -108,36 +87,13 @@ def check(
     outcomes = judge(cfg.checks, results)
     failed = [x for x in outcomes if not x.passed]
     if is_main_process():
-        json_out = c.json_out
-        to_stdout = json_to_stdout(json_out)
         label = Path(ckpt).name if ckpt else f"{c.arch} (random)"
-        render_outcomes(outcomes, console(stderr=to_stdout), title=f"vitdiag check — {label}")
+        con = console(stderr=json_to_stdout(c.json_out))
+        render_outcomes(outcomes, con, title=f"vitdiag check — {label}")
+        model = describe(loaded)
         if junit is not None:
-            model = describe(loaded)
-            xml = junit_xml(
-                outcomes,
-                suite=f"vitdiag check {label}",
-                seconds=results.seconds,
-                properties={
-                    "checkpoint": model.get("path"),
-                    "sha256": model.get("sha256"),
-                    "arch": model.get("arch"),
-                    "config": str(cfg.path),
-                },
-            )
-            write_atomic(junit, xml)
-        if json_out is not None:
-            doc = document("check", list(results), describe(loaded), results.data or None)
-            doc["checks"] = [
-                {
-                    "check": x.threshold.text,
-                    "metric": x.threshold.metric,
-                    "expected": x.threshold.expected(),
-                    "measured": x.measured,
-                    "passed": x.passed,
-                }
-                for x in outcomes
-            ]
-            write_json_text(dumps(jsonable(doc)), json_out)
+            write_atomic(junit, check_junit(outcomes, label, results.seconds, model, cfg.path))
+        if c.json_out is not None:
+            write_json_text(dumps(check_document(outcomes, results, model)), c.json_out)
     if failed:
         raise CheckFailed(f"{len(failed)} of {len(outcomes)} checks failed")
