@@ -98,9 +98,14 @@ class Shared:
         )
         parse_norm(self.mean, self.std)
 
-    def probe_settings(
+    def probe_run(
         self,
+        command: str,
         *,
+        probes: str,
+        sizes: str | None,
+        data: str | None,
+        val: str | None,
         per_class: int | None,
         layers: str | None,
         erank_every: int,
@@ -110,9 +115,18 @@ class Shared:
         pairs: int,
         budget: int,
     ):
-        """Check the options of every probe (report, trend), then the runner's `Settings`."""
-        from vitdiag.validation import check_invariance_options
+        """(probes wanted, extra sizes, the runner's Settings) for the commands that run every
+        probe (report, trend), each option checked before any work."""
+        from vitdiag.runner import parse_probes
+        from vitdiag.validation import check_invariance_options, parse_sizes
 
+        wanted = parse_probes(probes)
+        size_list = parse_sizes(sizes) if sizes else None
+        if data is None and val is None and wanted != {"classifier"}:
+            raise VitdiagError(
+                f"{command} needs images: give --data DIR (and --val DIR for held-out)."
+            )
+        self.validate()
         check_ranges(
             pairs=pairs,
             nc4_budget=budget,
@@ -121,15 +135,19 @@ class Shared:
             erank_every=erank_every,
         )
         check_invariance_options(aug, views, embedding)
-        return self.settings(
-            per_class=per_class,
-            layers=[v.strip() for v in layers.split(",")] if layers else None,
-            erank_every=erank_every,
-            aug=aug,
-            views=views,
-            embedding=embedding,
-            pairs=pairs,
-            nc4_budget=budget,
+        return (
+            wanted,
+            size_list,
+            self.settings(
+                per_class=per_class,
+                layers=[v.strip() for v in layers.split(",")] if layers else None,
+                erank_every=erank_every,
+                aug=aug,
+                views=views,
+                embedding=embedding,
+                pairs=pairs,
+                nc4_budget=budget,
+            ),
         )
 
     def settings(self, **more: Any):

@@ -12,7 +12,6 @@ import typer
 
 from vitdiag import options as o
 from vitdiag.commands.common import Shared, shared
-from vitdiag.errors import VitdiagError
 
 Checkpoints = Annotated[
     list[str] | None,
@@ -66,15 +65,15 @@ def report(
         write_report,
     )
     from vitdiag.results import dumps, json_to_stdout, write_json_text
-    from vitdiag.runner import open_source, parse_probes, run_all
-    from vitdiag.validation import Output, check_outputs, parse_sizes
+    from vitdiag.runner import open_source, run_all
+    from vitdiag.validation import Output, check_outputs
 
-    wanted = parse_probes(probes)
-    size_list = parse_sizes(sizes) if sizes else None
-    if data is None and val is None and wanted != {"classifier"}:
-        raise VitdiagError("report needs images: give --data DIR (and --val DIR for held-out).")
-    c.validate()
-    settings = c.probe_settings(
+    wanted, size_list, settings = c.probe_run(
+        "report",
+        probes=probes,
+        sizes=sizes,
+        data=data,
+        val=val,
         per_class=per_class,
         layers=layers,
         erank_every=erank_every,

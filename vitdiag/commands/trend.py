@@ -78,9 +78,9 @@ def trend(
     from vitdiag.engine import init_distributed, is_main_process
     from vitdiag.report import console, prepare_out, write_trend
     from vitdiag.results import dumps, json_to_stdout, write_json_text
-    from vitdiag.runner import open_source, parse_probes
+    from vitdiag.runner import open_source
     from vitdiag.studies import trend as study
-    from vitdiag.validation import Output, check_outputs, parse_model_args, parse_sizes
+    from vitdiag.validation import Output, check_outputs, parse_model_args
 
     named = _runs(ckpts, run)
     out = out if out is not None or c.json_out is not None else Path("vitdiag-trend")
@@ -93,12 +93,12 @@ def trend(
         runs = [study.read_log(Path(where), name) for name, where in logs]
         check_outputs(outputs, [str(study.log_file(Path(w))) for _, w in logs], force=force)
     else:
-        wanted = parse_probes(probes)
-        size_list = parse_sizes(sizes) if sizes else None
-        if data is None and val is None and wanted != {"classifier"}:
-            raise VitdiagError("trend needs images: give --data DIR (and --val DIR for held-out).")
-        c.validate()
-        settings = c.probe_settings(
+        wanted, size_list, settings = c.probe_run(
+            "trend",
+            probes=probes,
+            sizes=sizes,
+            data=data,
+            val=val,
             per_class=per_class,
             layers=layers,
             erank_every=erank_every,
