@@ -66,7 +66,7 @@ def main() -> None:
     from vitdiag.data import eval_transform
     from vitdiag.engine import resolve_amp, run_probes
     from vitdiag.probes.classifier import classifier_result
-    from vitdiag.runner import Settings, _build
+    from vitdiag.runner import Settings, build_probe
 
     torch.manual_seed(0)
     loaded = load(None, arch="vit_small_patch16_224")
@@ -98,7 +98,7 @@ def main() -> None:
         return clock() - start
 
     def report(names=SHARED) -> float:
-        probes = [_build(name, loaded, transform, settings) for name in names]
+        probes = [build_probe(name, loaded, transform, settings) for name in names]
         sync()
         start = clock()
         run_probes(model, batches, probes, device=device, amp=args.amp, loaded=loaded)

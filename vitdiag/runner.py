@@ -315,9 +315,6 @@ def build_probe(name: str, loaded: Any, transform: Any, s: Settings) -> Any:
     return probe_class(name).build(loaded, s, transform)
 
 
-_build = build_probe  # the name benchmarks/bench_report_overhead.py imports
-
-
 @dataclass
 class Pass:
     """One engine pass: the engine's summary, the data it read and the notes for its results."""

@@ -70,7 +70,8 @@ def fix_posembed(
     from vitdiag.errors import VitdiagError
     from vitdiag.posembed import parse_rescale, require_rescalable, resize_only_rescale
     from vitdiag.report import emit
-    from vitdiag.studies.fix_posembed import check_output_path, fix_posembed
+    from vitdiag.studies.fix_posembed import fix_posembed
+    from vitdiag.studies.timm_folder import check_output_path
     from vitdiag.validation import Output, check_outputs, check_ranges
 
     if size is None:

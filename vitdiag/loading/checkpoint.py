@@ -150,10 +150,6 @@ def _read_json(path: Path, fix: str) -> dict:
     return cfg
 
 
-def _read_config(path: Path) -> dict:
-    return _timm_config(_read_json(path, "or remove it, or pass --arch"), path)
-
-
 def _timm_config(cfg: dict, path: Path) -> dict:
     # timm's legacy single-dict form keeps everything at the top level.
     if "pretrained_cfg" not in cfg:

@@ -159,6 +159,11 @@ def _eps(config: Mapping[str, Any], default: float, assumptions: list[Assumption
     return eps
 
 
+def _bicubic_data_config(img: int, mean: tuple, std: tuple) -> dict[str, Any]:
+    """The preprocessing of a source whose files record none: square, bicubic, no crop."""
+    return dict(input_size=(3, img, img), mean=mean, std=std, interpolation="bicubic", crop_pct=1.0)
+
+
 def _square_grid(num_tokens: int, what: str) -> int:
     side = math.isqrt(num_tokens)
     if side * side != num_tokens:

@@ -17,6 +17,7 @@ from vitdiag.loading.convert.common import (
     IMAGENET_STD,
     Assumption,
     Converted,
+    _bicubic_data_config,
     _layer_norm,
     _ratio,
     _square_grid,
@@ -105,13 +106,7 @@ def _convert_dinov2_original(kind: str, config: dict, sd: dict[str, torch.Tensor
     regs = int(args["reg_tokens"])
     arch = _dinov2_arch(embed_dim, regs, swiglu)
     out = Converted(arch, args, _timm_filter(arch, args, sd), assumptions=assumptions)
-    out.data_config = dict(
-        input_size=(3, args["img_size"], args["img_size"]),
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        interpolation="bicubic",
-        crop_pct=1.0,
-    )
+    out.data_config = _bicubic_data_config(args["img_size"], IMAGENET_MEAN, IMAGENET_STD)
     assumptions.append(
         Assumption(
             "preprocessing",

@@ -16,6 +16,7 @@ from vitdiag.loading.convert.common import (
     Assumption,
     Converted,
     _arch_name,
+    _bicubic_data_config,
     _layer_norm,
     _ratio,
     _square_grid,
@@ -174,13 +175,7 @@ def _convert_open_clip_trunk(prefix: str, vcfg: dict, sd: dict[str, torch.Tensor
             Assumption("LayerNorm eps", "1e-06", "timm ViT default"),
         ]
     out = Converted(arch, args, _timm_filter(arch, args, sd), assumptions=assumptions)
-    out.data_config = dict(
-        input_size=(3, args["img_size"], args["img_size"]),
-        mean=OPENAI_CLIP_MEAN,
-        std=OPENAI_CLIP_STD,
-        interpolation="bicubic",
-        crop_pct=1.0,
-    )
+    out.data_config = _bicubic_data_config(args["img_size"], OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     assumptions.append(
         Assumption(
             "preprocessing", "OpenAI CLIP mean/std, bicubic", "open_clip default, not in weights"
