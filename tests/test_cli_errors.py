@@ -854,14 +854,14 @@ def test_every_pillow_mode_decodes_to_the_same_picture(tmp_path):
     """16-bit and float images are scaled to 0-255, not clipped (which made them white or black)."""
     from PIL import Image
 
-    from vitdiag.data import _decode
+    from vitdiag.data import decode_image
 
     for name, (img, ext) in _in_every_mode().items():
         f = tmp_path / f"{name}.{ext}"
         img.save(f)
         with Image.open(f) as opened:
             mode = opened.mode
-        got = np.asarray(_decode(f)).astype(float)
+        got = np.asarray(decode_image(f)).astype(float)
         assert got.shape == (40, 40, 3), name
         # P and 1 lose detail when saved (palette, dithering): compare with what was saved.
         want = np.asarray(img.convert("RGB"))[..., 0] if name in ("P", "1") else _GREY

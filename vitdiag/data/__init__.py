@@ -40,7 +40,7 @@ from vitdiag.data.sources import (
     IMAGE_EXTENSIONS,
     ImageSource,
     UnreadableImageError,
-    _decode,
+    decode_image,
     open_dataset,
     to_rgb,
 )
@@ -57,7 +57,7 @@ __all__ = [
     "ImageSource",
     "Loader",
     "UnreadableImageError",
-    "_decode",
+    "decode_image",
     "eval_transform",
     "make_loader",
     "merged_views",

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vitdiag.data.sources import ImageSource, UnreadableImageError, _SyntheticSource
+from vitdiag.data.sources import ImageSource, SyntheticSource, UnreadableImageError
 from vitdiag.errors import VitdiagError
 
 
@@ -78,7 +78,7 @@ class _Selection(Dataset):
 
     def __getitem__(self, k: int) -> _Item:
         index = self.indices[k]
-        if isinstance(self.source, _SyntheticSource):
+        if isinstance(self.source, SyntheticSource):
             assert self.size is not None
             tensor = self.source.tensor(index, self.size)
             views = self.views(tensor, None, tensor, index) if self.views is not None else None

@@ -120,7 +120,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img.convert("RGBA").convert("RGB")
 
 
-def _decode(fp: Any) -> Image.Image:
+def decode_image(fp: Any) -> Image.Image:
+    """Open an image file (path or file object) and return it as RGB (``to_rgb``), fully read."""
     with Image.open(fp) as img:
         rgb = to_rgb(img)
         # convert() returns a new image for every mode but RGB; copy so closing `img` is safe.
@@ -225,7 +226,7 @@ class _FileSource(ImageSource):
         return str(self.root / self.files[index])
 
     def _read(self, index: int) -> tuple[Image.Image, int]:
-        return _decode(self.root / self.files[index]), self.targets[index]
+        return decode_image(self.root / self.files[index]), self.targets[index]
 
 
 class _TarSource(ImageSource):
@@ -270,7 +271,7 @@ class _TarSource(ImageSource):
         fobj = self._handle().extractfile(self.members[index])
         if fobj is None:
             raise OSError("not a regular file")
-        return _decode(BytesIO(fobj.read())), self.targets[index]
+        return decode_image(BytesIO(fobj.read())), self.targets[index]
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -315,7 +316,7 @@ class _TimmSource(ImageSource):
         if self._reader is not None:
             fobj, target = self._reader[index][:2]
             try:
-                img = _decode(fobj)
+                img = decode_image(fobj)
             finally:
                 close = getattr(fobj, "close", None)
                 if close is not None:
@@ -326,7 +327,9 @@ class _TimmSource(ImageSource):
         return img, -1 if target is None else int(target)
 
 
-class _SyntheticSource(ImageSource):
+class SyntheticSource(ImageSource):
+    """``synthetic:N``: i.i.d. N(0, 1) images in the normalised space, seeded per index."""
+
     kind = "synthetic"
     synthetic = True
 
@@ -364,7 +367,7 @@ class _SyntheticSource(ImageSource):
 # open_dataset
 
 
-def _parse_synthetic(text: str, default_count: int, seed: int) -> _SyntheticSource | None:
+def _parse_synthetic(text: str, default_count: int, seed: int) -> SyntheticSource | None:
     head, sep, tail = text.partition(":")
     if head.strip().lower() != "synthetic":
         return None
@@ -379,7 +382,7 @@ def _parse_synthetic(text: str, default_count: int, seed: int) -> _SyntheticSour
             f"Dataset {text!r} needs a positive image count; write 'synthetic' or 'synthetic:N' "
             "with N ≥ 1."
         )
-    return _SyntheticSource(f"synthetic:{count}", count, seed)
+    return SyntheticSource(f"synthetic:{count}", count, seed)
 
 
 def _open_timm(text: str, *, strict: bool, split: str | None) -> _TimmSource | None:

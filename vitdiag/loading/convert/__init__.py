@@ -21,20 +21,20 @@ from typing import Any
 import torch
 
 from vitdiag.errors import VitdiagError
-from vitdiag.loading.convert.common import Assumption, Converted, _check_loadable
-from vitdiag.loading.convert.dinov2 import _convert_dinov2_original
-from vitdiag.loading.convert.open_clip import _convert_open_clip
+from vitdiag.loading.convert.common import Assumption, Converted, check_loadable
+from vitdiag.loading.convert.dinov2 import convert_dinov2_original
+from vitdiag.loading.convert.open_clip import convert_open_clip
 from vitdiag.loading.convert.relpos import (
-    _convert_hf_beit,
-    _convert_hf_swin,
-    _relpos_data_config,
+    convert_hf_beit,
+    convert_hf_swin,
+    relpos_data_config,
 )
 from vitdiag.loading.convert.transformers import (
-    _convert_hf_clip,
-    _convert_hf_dinov2,
-    _convert_hf_siglip,
-    _convert_hf_vit,
-    _hf_data_config,
+    convert_hf_clip,
+    convert_hf_dinov2,
+    convert_hf_siglip,
+    convert_hf_vit,
+    hf_data_config,
 )
 
 __all__ = ["KINDS", "Assumption", "Converted", "convert", "detect"]
@@ -116,23 +116,23 @@ def convert(
     `data_config` (otherwise the family default is used and listed as an assumption).
     """
     converters = {
-        "transformers:vit": _convert_hf_vit,
-        "transformers:deit": _convert_hf_vit,
-        "transformers:dinov2": _convert_hf_dinov2,
-        "transformers:dinov2_with_registers": _convert_hf_dinov2,
-        "transformers:clip": _convert_hf_clip,
-        "transformers:siglip": _convert_hf_siglip,
-        "transformers:beit": _convert_hf_beit,
-        "transformers:swin": _convert_hf_swin,
-        "open_clip": _convert_open_clip,
-        "dinov2_original": _convert_dinov2_original,
+        "transformers:vit": convert_hf_vit,
+        "transformers:deit": convert_hf_vit,
+        "transformers:dinov2": convert_hf_dinov2,
+        "transformers:dinov2_with_registers": convert_hf_dinov2,
+        "transformers:clip": convert_hf_clip,
+        "transformers:siglip": convert_hf_siglip,
+        "transformers:beit": convert_hf_beit,
+        "transformers:swin": convert_hf_swin,
+        "open_clip": convert_open_clip,
+        "dinov2_original": convert_dinov2_original,
     }
     if kind not in converters:
         raise VitdiagError(f"unknown checkpoint kind {kind!r}; expected one of {', '.join(KINDS)}.")
     out = converters[kind](kind, dict(config or {}), dict(state_dict))
     if kind.startswith("transformers:"):
         relpos = kind in ("transformers:beit", "transformers:swin")
-        data_config = _relpos_data_config if relpos else _hf_data_config
+        data_config = relpos_data_config if relpos else hf_data_config
         out.data_config = data_config(kind, preprocessor, out.model_args, out.assumptions)
-    _check_loadable(kind, out)
+    check_loadable(kind, out)
     return out

@@ -24,7 +24,7 @@ _ACTS = {
     "gelu_fast": "gelu_tanh",
 }
 
-_SIZE_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge", 1536: "giant"}
+SIZE_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge", 1536: "giant"}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,7 +57,7 @@ class Converted:
     assumptions: list[Assumption] = field(default_factory=list)
 
 
-def _check_loadable(kind: str, out: Converted) -> None:
+def check_loadable(kind: str, out: Converted) -> None:
     """Compare names and shapes with the timm model on the meta device, so a layout this module
     does not know fails here with the offending keys instead of deep inside load_state_dict."""
     import timm
@@ -80,7 +80,7 @@ def _check_loadable(kind: str, out: Converted) -> None:
         )
 
 
-def _timm_filter(arch: str, model_args: dict[str, Any], sd: dict[str, torch.Tensor]) -> dict:
+def apply_timm_filter(arch: str, model_args: dict[str, Any], sd: dict[str, torch.Tensor]) -> dict:
     """Run timm's own checkpoint filter against the chosen model, built on the meta device."""
     import timm
     from timm.models.vision_transformer import checkpoint_filter_fn
@@ -89,15 +89,18 @@ def _timm_filter(arch: str, model_args: dict[str, Any], sd: dict[str, torch.Tens
     return dict(checkpoint_filter_fn(dict(sd), model))
 
 
-def _layer_norm(eps: float) -> partial:
+def layer_norm_with_eps(eps: float) -> partial:
+    """timm's `norm_layer` argument: nn.LayerNorm with the checkpoint's eps."""
     return partial(nn.LayerNorm, eps=eps)
 
 
-def _arch_name(prefix: str, embed_dim: int, patch: int, suffix: str, fallback: str) -> str:
+def registered_arch_name(
+    prefix: str, embed_dim: int, patch: int, suffix: str, fallback: str
+) -> str:
     """A registered timm name for the family; model_args override its sizes anyway."""
     import timm
 
-    size = _SIZE_NAMES.get(embed_dim)
+    size = SIZE_NAMES.get(embed_dim)
     if size:
         name = f"{prefix}_{size}_patch{patch}_{suffix}"
         if timm.is_model(name):
@@ -105,7 +108,7 @@ def _arch_name(prefix: str, embed_dim: int, patch: int, suffix: str, fallback: s
     return fallback
 
 
-def _join_qkv(sd: dict[str, torch.Tensor], prefix: str, q: str, k: str, v: str, out: str) -> None:
+def join_qkv(sd: dict[str, torch.Tensor], prefix: str, q: str, k: str, v: str, out: str) -> None:
     """Concatenate separate q/k/v projections into timm's fused qkv, weights and biases."""
     for part in ("weight", "bias"):
         names = [f"{prefix}{n}.{part}" for n in (q, k, v)]
@@ -113,15 +116,14 @@ def _join_qkv(sd: dict[str, torch.Tensor], prefix: str, q: str, k: str, v: str, 
             sd[f"{prefix}{out}.{part}"] = torch.cat([sd.pop(n) for n in names], dim=0)
 
 
-def _rename(key: str, rules: list[tuple[str, str]]) -> str:
+def rename_key(key: str, rules: list[tuple[str, str]]) -> str:
+    """Apply every (pattern, replacement) rule to `key`, in order."""
     for pattern, repl in rules:
         key = re.sub(pattern, repl, key)
     return key
 
 
-def _strip_prefix(
-    sd: dict[str, torch.Tensor], prefixes: tuple[str, ...]
-) -> dict[str, torch.Tensor]:
+def strip_prefix(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Drop the model prefix (`vit.`, `vision_model.`...) from every key that has it."""
     out = {}
     for k, v in sd.items():
@@ -133,7 +135,9 @@ def _strip_prefix(
     return out
 
 
-def _cfg(config: Mapping[str, Any], name: str, default: Any, assumptions: list[Assumption]) -> Any:
+def config_value(
+    config: Mapping[str, Any], name: str, default: Any, assumptions: list[Assumption]
+) -> Any:
     """A config value, or the transformers default recorded as an assumption."""
     if name in config:
         return config[name]
@@ -141,8 +145,10 @@ def _cfg(config: Mapping[str, Any], name: str, default: Any, assumptions: list[A
     return default
 
 
-def _act(config: Mapping[str, Any], default: str, assumptions: list[Assumption]) -> str:
-    hidden_act = str(_cfg(config, "hidden_act", default, assumptions))
+def config_activation(
+    config: Mapping[str, Any], default: str, assumptions: list[Assumption]
+) -> str:
+    hidden_act = str(config_value(config, "hidden_act", default, assumptions))
     if hidden_act not in _ACTS:
         raise VitdiagError(
             f"config.json hidden_act {hidden_act!r} has no timm equivalent here; "
@@ -153,18 +159,20 @@ def _act(config: Mapping[str, Any], default: str, assumptions: list[Assumption])
     return act
 
 
-def _eps(config: Mapping[str, Any], default: float, assumptions: list[Assumption]) -> float:
-    eps = float(_cfg(config, "layer_norm_eps", default, assumptions))
+def config_layer_norm_eps(
+    config: Mapping[str, Any], default: float, assumptions: list[Assumption]
+) -> float:
+    eps = float(config_value(config, "layer_norm_eps", default, assumptions))
     assumptions.append(Assumption("LayerNorm eps", f"{eps:g}", "from config layer_norm_eps"))
     return eps
 
 
-def _bicubic_data_config(img: int, mean: tuple, std: tuple) -> dict[str, Any]:
+def bicubic_data_config(img: int, mean: tuple, std: tuple) -> dict[str, Any]:
     """The preprocessing of a source whose files record none: square, bicubic, no crop."""
     return dict(input_size=(3, img, img), mean=mean, std=std, interpolation="bicubic", crop_pct=1.0)
 
 
-def _square_grid(num_tokens: int, what: str) -> int:
+def square_grid_side(num_tokens: int, what: str) -> int:
     side = math.isqrt(num_tokens)
     if side * side != num_tokens:
         raise VitdiagError(
@@ -174,7 +182,7 @@ def _square_grid(num_tokens: int, what: str) -> int:
     return side
 
 
-def _ratio(hidden: int, dim: int) -> float:
+def exact_mlp_ratio(hidden: int, dim: int) -> float:
     """mlp_ratio such that timm's int(dim * ratio) gives back `hidden` despite float rounding."""
     ratio = hidden / dim
     return ratio if int(dim * ratio) == hidden else (hidden + 0.5) / dim

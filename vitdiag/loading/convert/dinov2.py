@@ -12,23 +12,23 @@ from typing import Any
 import torch
 
 from vitdiag.loading.convert.common import (
-    _SIZE_NAMES,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    SIZE_NAMES,
     Assumption,
     Converted,
-    _bicubic_data_config,
-    _layer_norm,
-    _ratio,
-    _square_grid,
-    _timm_filter,
+    apply_timm_filter,
+    bicubic_data_config,
+    exact_mlp_ratio,
+    layer_norm_with_eps,
+    square_grid_side,
 )
 
 
-def _dinov2_arch(embed_dim: int, regs: int, swiglu: bool) -> str:
+def dinov2_arch_name(embed_dim: int, regs: int, swiglu: bool) -> str:
     import timm
 
-    size = _SIZE_NAMES.get(embed_dim)
+    size = SIZE_NAMES.get(embed_dim)
     reg = f"reg{regs}_" if regs else ""
     name = f"vit_{size}_patch14_{reg}dinov2"
     if size and timm.is_model(name):
@@ -37,7 +37,7 @@ def _dinov2_arch(embed_dim: int, regs: int, swiglu: bool) -> str:
     return f"{fallback}{'reg4_' if regs else ''}dinov2"
 
 
-def _dinov2_args(
+def dinov2_model_args(
     sd: Mapping[str, torch.Tensor],
     img: int | None,
     heads: int,
@@ -51,7 +51,7 @@ def _dinov2_args(
     depth = len({m.group(1) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
     regs = int(sd["register_tokens"].shape[1]) if "register_tokens" in sd else 0
     if img is None:
-        img = _square_grid(int(sd["pos_embed"].shape[1]) - 1, "pos_embed") * patch
+        img = square_grid_side(int(sd["pos_embed"].shape[1]) - 1, "pos_embed") * patch
     swiglu = "blocks.0.mlp.w12.weight" in sd
     fc1 = sd["blocks.0.mlp.w12.weight" if swiglu else "blocks.0.mlp.fc1.weight"]
     args: dict[str, Any] = dict(
@@ -60,9 +60,9 @@ def _dinov2_args(
         embed_dim=embed_dim,
         depth=depth,
         num_heads=heads,
-        mlp_ratio=_ratio(int(fc1.shape[0]), embed_dim),
+        mlp_ratio=exact_mlp_ratio(int(fc1.shape[0]), embed_dim),
         qkv_bias=qkv_bias,
-        norm_layer=_layer_norm(eps),
+        norm_layer=layer_norm_with_eps(eps),
         act_layer=act,
         class_token=True,
         reg_tokens=regs,
@@ -82,7 +82,7 @@ def _dinov2_args(
     return args
 
 
-def _convert_dinov2_original(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> Converted:
+def convert_dinov2_original(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> Converted:
     assumptions: list[Assumption] = []
     embed_dim = int(sd["patch_embed.proj.weight"].shape[0])
     heads = embed_dim // 64
@@ -102,11 +102,11 @@ def _convert_dinov2_original(kind: str, config: dict, sd: dict[str, torch.Tensor
             "activation", act, "DINOv2 code: SwiGLU for w12/w3 weights, exact GELU otherwise"
         )
     )
-    args = _dinov2_args(sd, None, heads, 1e-6, act, "blocks.0.attn.qkv.bias" in sd)
+    args = dinov2_model_args(sd, None, heads, 1e-6, act, "blocks.0.attn.qkv.bias" in sd)
     regs = int(args["reg_tokens"])
-    arch = _dinov2_arch(embed_dim, regs, swiglu)
-    out = Converted(arch, args, _timm_filter(arch, args, sd), assumptions=assumptions)
-    out.data_config = _bicubic_data_config(args["img_size"], IMAGENET_MEAN, IMAGENET_STD)
+    arch = dinov2_arch_name(embed_dim, regs, swiglu)
+    out = Converted(arch, args, apply_timm_filter(arch, args, sd), assumptions=assumptions)
+    out.data_config = bicubic_data_config(args["img_size"], IMAGENET_MEAN, IMAGENET_STD)
     assumptions.append(
         Assumption(
             "preprocessing",

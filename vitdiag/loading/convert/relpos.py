@@ -17,16 +17,16 @@ from vitdiag.errors import VitdiagError
 from vitdiag.loading.convert.common import (
     Assumption,
     Converted,
-    _arch_name,
-    _cfg,
-    _eps,
-    _join_qkv,
-    _layer_norm,
-    _ratio,
-    _rename,
-    _strip_prefix,
+    config_layer_norm_eps,
+    config_value,
+    exact_mlp_ratio,
+    join_qkv,
+    layer_norm_with_eps,
+    registered_arch_name,
+    rename_key,
+    strip_prefix,
 )
-from vitdiag.loading.convert.transformers import _hf_data_config
+from vitdiag.loading.convert.transformers import hf_data_config
 
 # Rules shared by both families' blocks; legacy spelling first, then transformers 5 in-memory.
 _BLOCK_RULES = [
@@ -45,7 +45,7 @@ _BLOCK_RULES = [
 
 def _gelu_only(config: Mapping[str, Any], family: str, assumptions: list[Assumption]) -> None:
     """timm's Beit and SwinTransformer build their MLPs with nn.GELU and take no activation."""
-    hidden_act = str(_cfg(config, "hidden_act", "gelu", assumptions))
+    hidden_act = str(config_value(config, "hidden_act", "gelu", assumptions))
     if hidden_act != "gelu":
         raise VitdiagError(
             f"config.json hidden_act {hidden_act!r}: timm's {family} only has exact GELU, so this "
@@ -119,15 +119,15 @@ def _beit_qkv(sd: dict[str, torch.Tensor], block: str) -> None:
         sd[f"{a}q_bias"], sd[f"{a}v_bias"] = sd.pop(f"{a}q.bias"), sd.pop(f"{a}v.bias")
 
 
-def _convert_hf_beit(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> Converted:
+def convert_hf_beit(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> Converted:
     assumptions: list[Assumption] = []
-    sd = _drop_buffers(_strip_prefix(sd, ("beit.",)))
+    sd = _drop_buffers(strip_prefix(sd, ("beit.",)))
     _drop_mask_token(sd, assumptions)
-    sd = {_rename(k, _BEIT_RULES): v for k, v in sd.items()}
+    sd = {rename_key(k, _BEIT_RULES): v for k, v in sd.items()}
     for block in _blocks(sd, r"blocks\.\d+\."):
         _beit_qkv(sd, block)
 
-    mean_pool = bool(_cfg(config, "use_mean_pooling", True, assumptions))
+    mean_pool = bool(config_value(config, "use_mean_pooling", True, assumptions))
     if mean_pool and "fc_norm.weight" not in sd:
         raise VitdiagError(
             "this BEiT checkpoint mean-pools (use_mean_pooling) but was saved without its pooler "
@@ -135,10 +135,10 @@ def _convert_hf_beit(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> Co
             "express; save BeitModel with its pooler or BeitForImageClassification instead."
         )
     _gelu_only(config, "Beit", assumptions)
-    embed_dim = int(_cfg(config, "hidden_size", 768, assumptions))
-    patch = _side(_cfg(config, "patch_size", 16, assumptions), "patch_size")
-    img = _side(_cfg(config, "image_size", 224, assumptions), "image_size")
-    heads = int(_cfg(config, "num_attention_heads", 12, assumptions))
+    embed_dim = int(config_value(config, "hidden_size", 768, assumptions))
+    patch = _side(config_value(config, "patch_size", 16, assumptions), "patch_size")
+    img = _side(config_value(config, "image_size", 224, assumptions), "image_size")
+    heads = int(config_value(config, "num_attention_heads", 12, assumptions))
     assumptions.append(Assumption("num_heads", str(heads), "from config num_attention_heads"))
     # any non-zero value builds the gamma tensors; the checkpoint's values replace it
     scale = float(config.get("layer_scale_init_value") or 0.1)
@@ -146,11 +146,13 @@ def _convert_hf_beit(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> Co
         img_size=img,
         patch_size=patch,
         embed_dim=embed_dim,
-        depth=int(_cfg(config, "num_hidden_layers", 12, assumptions)),
+        depth=int(config_value(config, "num_hidden_layers", 12, assumptions)),
         num_heads=heads,
-        mlp_ratio=_ratio(int(_cfg(config, "intermediate_size", 3072, assumptions)), embed_dim),
+        mlp_ratio=exact_mlp_ratio(
+            int(config_value(config, "intermediate_size", 3072, assumptions)), embed_dim
+        ),
         qkv_bias="blocks.0.attn.q_bias" in sd,
-        norm_layer=_layer_norm(_eps(config, 1e-12, assumptions)),
+        norm_layer=layer_norm_with_eps(config_layer_norm_eps(config, 1e-12, assumptions)),
         # 0, not None: timm.create_model drops None kwargs, leaving beit_base's 0.1 in place
         init_values=scale if "blocks.0.gamma_1" in sd else 0.0,
         use_abs_pos_emb="pos_embed" in sd,
@@ -169,7 +171,7 @@ def _convert_hf_beit(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> Co
             "from config image_size; parity with transformers is exact only at this size",
         )
     )
-    arch = _arch_name("beit", embed_dim, patch, str(img), "beit_base_patch16_224")
+    arch = registered_arch_name("beit", embed_dim, patch, str(img), "beit_base_patch16_224")
     return Converted(arch, model_args, sd, assumptions=assumptions)
 
 
@@ -216,7 +218,7 @@ def _swin_arch(embed_dim: int, depths: tuple[int, ...], patch: int, window: int,
 def _swin_eps(config: Mapping[str, Any], assumptions: list[Assumption]) -> float:
     """transformers builds the patch-embedding and patch-merging norms with torch's default eps
     (1e-5) whatever layer_norm_eps says; timm has one norm layer for all of them."""
-    eps = _eps(config, 1e-5, assumptions)
+    eps = config_layer_norm_eps(config, 1e-5, assumptions)
     if eps != 1e-5:
         assumptions.append(
             Assumption(
@@ -230,27 +232,27 @@ def _swin_eps(config: Mapping[str, Any], assumptions: list[Assumption]) -> float
     return eps
 
 
-def _convert_hf_swin(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> Converted:
+def convert_hf_swin(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> Converted:
     assumptions: list[Assumption] = []
-    sd = _drop_buffers(_strip_prefix(sd, ("swin.",)))
+    sd = _drop_buffers(strip_prefix(sd, ("swin.",)))
     _drop_mask_token(sd, assumptions)
     if "embeddings.position_embeddings" in sd or config.get("use_absolute_embeddings"):
         raise VitdiagError(
             "this Swin checkpoint has an absolute position embedding (use_absolute_embeddings), "
             "which timm's SwinTransformer does not have; only Swin without it can be converted."
         )
-    sd = {_rename(_swin_downsample(k), _SWIN_RULES): v for k, v in sd.items()}
+    sd = {rename_key(_swin_downsample(k), _SWIN_RULES): v for k, v in sd.items()}
     for block in _blocks(sd, r"layers\.\d+\.blocks\.\d+\."):
-        _join_qkv(sd, f"{block}attn.", "q", "k", "v", "qkv")
+        join_qkv(sd, f"{block}attn.", "q", "k", "v", "qkv")
 
     _gelu_only(config, "SwinTransformer", assumptions)
-    embed_dim = int(_cfg(config, "embed_dim", 96, assumptions))
-    depths = tuple(int(d) for d in _cfg(config, "depths", [2, 2, 6, 2], assumptions))
-    heads = tuple(int(h) for h in _cfg(config, "num_heads", [3, 6, 12, 24], assumptions))
+    embed_dim = int(config_value(config, "embed_dim", 96, assumptions))
+    depths = tuple(int(d) for d in config_value(config, "depths", [2, 2, 6, 2], assumptions))
+    heads = tuple(int(h) for h in config_value(config, "num_heads", [3, 6, 12, 24], assumptions))
     assumptions.append(Assumption("num_heads", str(heads), "from config num_heads"))
-    patch = _side(_cfg(config, "patch_size", 4, assumptions), "patch_size")
-    img = _side(_cfg(config, "image_size", 224, assumptions), "image_size")
-    window = int(_cfg(config, "window_size", 7, assumptions))
+    patch = _side(config_value(config, "patch_size", 4, assumptions), "patch_size")
+    img = _side(config_value(config, "image_size", 224, assumptions), "image_size")
+    window = int(config_value(config, "window_size", 7, assumptions))
     eps = _swin_eps(config, assumptions)
     model_args: dict[str, Any] = dict(
         img_size=img,
@@ -259,14 +261,14 @@ def _convert_hf_swin(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> Co
         depths=depths,
         num_heads=heads,
         window_size=window,
-        mlp_ratio=float(_cfg(config, "mlp_ratio", 4.0, assumptions)),
-        qkv_bias=bool(_cfg(config, "qkv_bias", True, assumptions)),
+        mlp_ratio=float(config_value(config, "mlp_ratio", 4.0, assumptions)),
+        qkv_bias=bool(config_value(config, "qkv_bias", True, assumptions)),
         global_pool="avg",
         num_classes=int(sd["head.fc.weight"].shape[0]) if "head.fc.weight" in sd else 0,
     )
     if eps != 1e-5:
         # only when needed: timm's own config.json cannot hold a norm_layer
-        model_args["norm_layer"] = _layer_norm(eps)
+        model_args["norm_layer"] = layer_norm_with_eps(eps)
     assumptions.append(
         Assumption(
             "window",
@@ -286,7 +288,7 @@ def _convert_hf_swin(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> Co
 _BICUBIC = 3
 
 
-def _relpos_data_config(
+def relpos_data_config(
     kind: str,
     pre: Mapping[str, Any] | None,
     model_args: Mapping[str, Any],
@@ -295,12 +297,12 @@ def _relpos_data_config(
     """Preprocessing from preprocessor_config.json, or the family's image-processor defaults."""
     if kind == "transformers:swin":
         # AutoImageProcessor gives Swin the ViT image processor, so its defaults are ViT's
-        return _hf_data_config("transformers:vit", pre, model_args, assumptions)
+        return hf_data_config("transformers:vit", pre, model_args, assumptions)
     mean = std = (0.5, 0.5, 0.5)
     if pre:
         # BeitImageProcessor: mean/std 0.5, bicubic; the file's own values win
         filled = {"image_mean": list(mean), "image_std": list(std), "resample": _BICUBIC}
-        return _hf_data_config("transformers:vit", {**filled, **pre}, model_args, assumptions)
+        return hf_data_config("transformers:vit", {**filled, **pre}, model_args, assumptions)
     img = int(model_args["img_size"])
     out = dict(
         input_size=(3, img, img),

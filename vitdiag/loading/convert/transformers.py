@@ -11,25 +11,25 @@ import torch
 
 from vitdiag.errors import VitdiagError
 from vitdiag.loading.convert.common import (
-    _SIZE_NAMES,
     IMAGENET_MEAN,
     IMAGENET_STD,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    SIZE_NAMES,
     Assumption,
     Converted,
-    _act,
-    _arch_name,
-    _cfg,
-    _eps,
-    _join_qkv,
-    _layer_norm,
-    _ratio,
-    _rename,
-    _strip_prefix,
-    _timm_filter,
+    apply_timm_filter,
+    config_activation,
+    config_layer_norm_eps,
+    config_value,
+    exact_mlp_ratio,
+    join_qkv,
+    layer_norm_with_eps,
+    registered_arch_name,
+    rename_key,
+    strip_prefix,
 )
-from vitdiag.loading.convert.dinov2 import _dinov2_arch, _dinov2_args
+from vitdiag.loading.convert.dinov2 import dinov2_arch_name, dinov2_model_args
 
 # ---------------------------------------------------------------------------------------------
 # ViT / DeiT
@@ -57,14 +57,14 @@ _HF_VIT_LAYER_RULES = [
 
 def _hf_bert_style(sd: dict[str, torch.Tensor], model_prefix: str) -> dict[str, torch.Tensor]:
     """Rename a transformers ViT/DeiT/DINOv2 encoder to timm block names, q/k/v fused."""
-    sd = _strip_prefix(sd, (model_prefix,))
-    out = {_rename(k, _HF_VIT_LAYER_RULES): v for k, v in sd.items()}
+    sd = strip_prefix(sd, (model_prefix,))
+    out = {rename_key(k, _HF_VIT_LAYER_RULES): v for k, v in sd.items()}
     for i in {int(m.group(1)) for k in out if (m := re.match(r"blocks\.(\d+)\.", k))}:
-        _join_qkv(out, f"blocks.{i}.attn.", "q", "k", "v", "qkv")
+        join_qkv(out, f"blocks.{i}.attn.", "q", "k", "v", "qkv")
     return out
 
 
-def _convert_hf_vit(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> Converted:
+def convert_hf_vit(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> Converted:
     family = kind.split(":")[1]
     assumptions: list[Assumption] = []
     sd = _hf_bert_style(sd, f"{family}.")
@@ -99,21 +99,21 @@ def _convert_hf_vit(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> Con
     if "classifier.weight" in sd:
         sd["head.weight"], sd["head.bias"] = sd.pop("classifier.weight"), sd.pop("classifier.bias")
 
-    embed_dim = int(_cfg(config, "hidden_size", 768, assumptions))
-    patch = int(_cfg(config, "patch_size", 16, assumptions))
-    img = int(_cfg(config, "image_size", 224, assumptions))
-    heads = int(_cfg(config, "num_attention_heads", 12, assumptions))
+    embed_dim = int(config_value(config, "hidden_size", 768, assumptions))
+    patch = int(config_value(config, "patch_size", 16, assumptions))
+    img = int(config_value(config, "image_size", 224, assumptions))
+    heads = int(config_value(config, "num_attention_heads", 12, assumptions))
     assumptions.append(Assumption("num_heads", str(heads), "from config num_attention_heads"))
     model_args = dict(
         img_size=img,
         patch_size=patch,
         embed_dim=embed_dim,
-        depth=int(_cfg(config, "num_hidden_layers", 12, assumptions)),
+        depth=int(config_value(config, "num_hidden_layers", 12, assumptions)),
         num_heads=heads,
-        mlp_ratio=int(_cfg(config, "intermediate_size", 3072, assumptions)) / embed_dim,
-        qkv_bias=bool(_cfg(config, "qkv_bias", True, assumptions)),
-        norm_layer=_layer_norm(_eps(config, 1e-12, assumptions)),
-        act_layer=_act(config, "gelu", assumptions),
+        mlp_ratio=int(config_value(config, "intermediate_size", 3072, assumptions)) / embed_dim,
+        qkv_bias=bool(config_value(config, "qkv_bias", True, assumptions)),
+        norm_layer=layer_norm_with_eps(config_layer_norm_eps(config, 1e-12, assumptions)),
+        act_layer=config_activation(config, "gelu", assumptions),
         class_token=True,
         reg_tokens=1 if "reg_token" in sd else 0,
         no_embed_class=False,
@@ -127,14 +127,14 @@ def _convert_hf_vit(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> Con
     if distilled:
         arch = _deit_distilled_name(embed_dim, patch, img)
     else:
-        arch = _arch_name("vit", embed_dim, patch, str(img), "vit_base_patch16_224")
+        arch = registered_arch_name("vit", embed_dim, patch, str(img), "vit_base_patch16_224")
     return Converted(arch, model_args, sd, assumptions=assumptions)
 
 
 def _deit_distilled_name(embed_dim: int, patch: int, img: int) -> str:
     import timm
 
-    size = _SIZE_NAMES.get(embed_dim, "base")
+    size = SIZE_NAMES.get(embed_dim, "base")
     name = f"deit_{size}_distilled_patch{patch}_{img}"
     return name if timm.is_model(name) else "deit_base_distilled_patch16_224"
 
@@ -143,7 +143,7 @@ def _deit_distilled_name(embed_dim: int, patch: int, img: int) -> str:
 # DINOv2 (with and without registers), renamed to the original DINOv2 layout
 
 
-def _convert_hf_dinov2(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> Converted:
+def convert_hf_dinov2(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> Converted:
     assumptions: list[Assumption] = []
     sd = _hf_bert_style(sd, "dinov2.")
     for k in [k for k in sd if k.startswith("classifier.")]:
@@ -161,25 +161,25 @@ def _convert_hf_dinov2(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> 
         (r"\.mlp\.weights_out\.", ".mlp.w3."),
         (r"\.mlp\.down_proj\.", ".mlp.w3."),
     ]
-    sd = {_rename(k, rules): v for k, v in sd.items()}
+    sd = {rename_key(k, rules): v for k, v in sd.items()}
     for k in [k for k in sd if ".mlp.gate_proj." in k]:
         # transformers 5 in-memory split of weights_in: gate (SiLU side) first, as in w12
         up = k.replace("gate_proj", "up_proj")
         sd[k.replace("gate_proj", "w12")] = torch.cat([sd.pop(k), sd.pop(up)], dim=0)
 
-    embed_dim = int(_cfg(config, "hidden_size", 768, assumptions))
-    patch = int(_cfg(config, "patch_size", 14, assumptions))
-    heads = int(_cfg(config, "num_attention_heads", 12, assumptions))
+    embed_dim = int(config_value(config, "hidden_size", 768, assumptions))
+    patch = int(config_value(config, "patch_size", 14, assumptions))
+    heads = int(config_value(config, "num_attention_heads", 12, assumptions))
     assumptions.append(Assumption("num_heads", str(heads), "from config num_attention_heads"))
-    swiglu = bool(_cfg(config, "use_swiglu_ffn", False, assumptions))
+    swiglu = bool(config_value(config, "use_swiglu_ffn", False, assumptions))
     regs = int(sd["register_tokens"].shape[1]) if "register_tokens" in sd else 0
-    model_args = _dinov2_args(
+    model_args = dinov2_model_args(
         sd,
-        img=int(_cfg(config, "image_size", 518, assumptions)),
+        img=int(config_value(config, "image_size", 518, assumptions)),
         heads=heads,
-        eps=_eps(config, 1e-6, assumptions),
-        act="silu" if swiglu else _act(config, "gelu", assumptions),
-        qkv_bias=bool(_cfg(config, "qkv_bias", True, assumptions)),
+        eps=config_layer_norm_eps(config, 1e-6, assumptions),
+        act="silu" if swiglu else config_activation(config, "gelu", assumptions),
+        qkv_bias=bool(config_value(config, "qkv_bias", True, assumptions)),
     )
     if swiglu:
         assumptions.append(
@@ -193,8 +193,10 @@ def _convert_hf_dinov2(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> 
         )
     )
     del patch
-    arch = _dinov2_arch(embed_dim, regs, swiglu)
-    return Converted(arch, model_args, _timm_filter(arch, model_args, sd), assumptions=assumptions)
+    arch = dinov2_arch_name(embed_dim, regs, swiglu)
+    return Converted(
+        arch, model_args, apply_timm_filter(arch, model_args, sd), assumptions=assumptions
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,10 +225,10 @@ def _hf_clip_style(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not k.startswith(("text_model.", "text_projection", "logit_"))
         and not k.endswith("position_ids")
     }
-    sd = _strip_prefix(sd, ("vision_model.",))
-    out = {_rename(k, _HF_CLIP_RULES): v for k, v in sd.items()}
+    sd = strip_prefix(sd, ("vision_model.",))
+    out = {rename_key(k, _HF_CLIP_RULES): v for k, v in sd.items()}
     for i in {int(m.group(1)) for k in out if (m := re.match(r"blocks\.(\d+)\.", k))}:
-        _join_qkv(out, f"blocks.{i}.attn.", "q", "k", "v", "qkv")
+        join_qkv(out, f"blocks.{i}.attn.", "q", "k", "v", "qkv")
     pos = out.pop("embeddings.position_embedding.weight")
     out["pos_embed"] = pos.unsqueeze(0)
     if "embeddings.class_embedding" in out:
@@ -241,19 +243,21 @@ def _tower(config: dict) -> dict:
 def _tower_args(
     vcfg: dict, assumptions: list[Assumption], act_default: str, eps_default: float
 ) -> dict:
-    embed_dim = int(_cfg(vcfg, "hidden_size", 768, assumptions))
-    heads = int(_cfg(vcfg, "num_attention_heads", 12, assumptions))
+    embed_dim = int(config_value(vcfg, "hidden_size", 768, assumptions))
+    heads = int(config_value(vcfg, "num_attention_heads", 12, assumptions))
     assumptions.append(Assumption("num_heads", str(heads), "from config num_attention_heads"))
     return dict(
-        img_size=int(_cfg(vcfg, "image_size", 224, assumptions)),
-        patch_size=int(_cfg(vcfg, "patch_size", 16, assumptions)),
+        img_size=int(config_value(vcfg, "image_size", 224, assumptions)),
+        patch_size=int(config_value(vcfg, "patch_size", 16, assumptions)),
         embed_dim=embed_dim,
-        depth=int(_cfg(vcfg, "num_hidden_layers", 12, assumptions)),
+        depth=int(config_value(vcfg, "num_hidden_layers", 12, assumptions)),
         num_heads=heads,
-        mlp_ratio=_ratio(int(_cfg(vcfg, "intermediate_size", 3072, assumptions)), embed_dim),
+        mlp_ratio=exact_mlp_ratio(
+            int(config_value(vcfg, "intermediate_size", 3072, assumptions)), embed_dim
+        ),
         qkv_bias=True,
-        norm_layer=_layer_norm(_eps(vcfg, eps_default, assumptions)),
-        act_layer=_act(vcfg, act_default, assumptions),
+        norm_layer=layer_norm_with_eps(config_layer_norm_eps(vcfg, eps_default, assumptions)),
+        act_layer=config_activation(vcfg, act_default, assumptions),
         reg_tokens=0,
         no_embed_class=False,
         final_norm=True,
@@ -262,7 +266,7 @@ def _tower_args(
     )
 
 
-def _convert_hf_clip(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> Converted:
+def convert_hf_clip(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> Converted:
     assumptions: list[Assumption] = []
     vcfg = _tower(config)
     sd = _hf_clip_style(sd)
@@ -277,11 +281,13 @@ def _convert_hf_clip(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> Co
             Assumption("head", "visual_projection with zero bias", "CLIP image embedding")
         )
     patch, img = args["patch_size"], args["img_size"]
-    arch = _arch_name("vit", args["embed_dim"], patch, f"clip_{img}", "vit_base_patch16_clip_224")
+    arch = registered_arch_name(
+        "vit", args["embed_dim"], patch, f"clip_{img}", "vit_base_patch16_clip_224"
+    )
     return Converted(arch, args, sd, assumptions=assumptions)
 
 
-def _convert_hf_siglip(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> Converted:
+def convert_hf_siglip(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> Converted:
     assumptions: list[Assumption] = []
     if "classifier.weight" in sd:
         raise VitdiagError(
@@ -309,7 +315,7 @@ def _convert_hf_siglip(kind: str, config: dict, sd: dict[str, torch.Tensor]) -> 
         )
     args.update(class_token=False, pre_norm=False, global_pool=pool, num_classes=0)
     patch, img = args["patch_size"], args["img_size"]
-    arch = _arch_name(
+    arch = registered_arch_name(
         "vit", args["embed_dim"], patch, f"siglip_{img}", "vit_base_patch16_siglip_224"
     )
     return Converted(arch, args, sd, assumptions=assumptions)
@@ -341,7 +347,7 @@ def _hw(size: Any) -> tuple[int, int] | None:
     return None
 
 
-def _hf_data_config(
+def hf_data_config(
     kind: str,
     pre: Mapping[str, Any] | None,
     model_args: Mapping[str, Any],
