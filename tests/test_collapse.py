@@ -57,7 +57,9 @@ def make_data(seed=0, counts=(120, 80, 50, 30, 20), d=16, offset=50.0, spread=1.
     return h, y, W, b, h @ W.T + b
 
 
-def feed(probe, h, y, logits, batch):
+def feed(probe, h, y, logits, batch, start=None):
+    """Batches as the engine hands them; `start`: the global position of the first row (a
+    process reading from there), None: no positions, as for one process fed directly."""
     h, y, logits = map(torch.as_tensor, (h, y, logits))
     for s in range(0, len(y), batch):
         e = s + batch
@@ -67,6 +69,7 @@ def feed(probe, h, y, logits, batch):
                 targets=y[s:e],
                 prelogits=h[s:e],
                 logits=logits[s:e],
+                positions=None if start is None else start + torch.arange(s, s + len(y[s:e])),
             )
         )
     return probe
@@ -355,9 +358,9 @@ def test_streaming_in_batches_equals_one_batch(batch):
 def test_two_ranks_merged_equal_one_process():
     h, y, W, b, logits = make_data(seed=6)
     head = Head("head", torch.from_numpy(W), torch.from_numpy(b))
-    ranks = [CollapseProbe([head], seed=0, rank=r) for r in range(2)]
-    feed(ranks[0], h[:170], y[:170], logits[:170], 32)
-    feed(ranks[1], h[170:], y[170:], logits[170:], 50)
+    ranks = [CollapseProbe([head], seed=0) for _ in range(2)]
+    feed(ranks[0], h[:170], y[:170], logits[:170], 32, start=0)
+    feed(ranks[1], h[170:], y[170:], logits[170:], 50, start=170)
     merged = simulate_ranks(ranks).compute().metrics
     one = run_probe(h, y, W, b, logits).metrics
     assert_metrics_close(merged, one, rel=1e-9)
@@ -378,9 +381,9 @@ def test_reservoir_is_exact_within_budget_and_an_interval_beyond():
 def test_reservoirs_merge_to_the_smallest_keys_of_all_ranks():
     h, y, W, b, logits = make_data(seed=8)
     head = Head("head", torch.from_numpy(W), torch.from_numpy(b))
-    ranks = [CollapseProbe([head], seed=0, rank=r, budget=60) for r in range(2)]
-    feed(ranks[0], h[:150], y[:150], logits[:150], 40)
-    feed(ranks[1], h[150:], y[150:], logits[150:], 40)
+    ranks = [CollapseProbe([head], seed=0, budget=60) for _ in range(2)]
+    feed(ranks[0], h[:150], y[:150], logits[:150], 40, start=0)
+    feed(ranks[1], h[150:], y[150:], logits[150:], 40, start=150)
     union = torch.cat([k for p in ranks for k in p.h0_res_key])
     merged = simulate_ranks(ranks)
     (keys,) = merged.h0_res_key

@@ -229,9 +229,9 @@ def _span_share_brute_force(h, ia, ib, W):
     return np.array(out)
 
 
-def _diff_probe(W, lambdas, rank=None):
+def _diff_probe(W, lambdas):
     head = Head("head", torch.from_numpy(W), None)
-    return MixupGeometryProbe(head, pairs=1, lambdas=lambdas, seed=0, rank=rank)
+    return MixupGeometryProbe(head, pairs=1, lambdas=lambdas, seed=0)
 
 
 def _feed_diff(probe, h, ia, ib, chunk):
@@ -261,7 +261,7 @@ def test_span_share_of_two_processes_merged_equals_one_process():
     h, ia, ib, W = _offset_pairs(seed=1)
     one = _diff_probe(W, [0.0, 0.5, 1.0])
     _feed_diff(one, h, ia, ib, chunk=40)
-    ranks = [_diff_probe(W, [0.0, 0.5, 1.0], rank=r) for r in range(2)]
+    ranks = [_diff_probe(W, [0.0, 0.5, 1.0]) for _ in range(2)]
     _feed_diff(ranks[0], h[:15], ia[:15], ib[:15], chunk=4)
     _feed_diff(ranks[1], h[15:], ia[15:], ib[15:], chunk=9)
     main = ranks[0]  # what the engine does: add sum states, concatenate cat states in rank order

@@ -107,6 +107,72 @@ def test_vit_embed_tap_is_patch_embedding_plus_position():
     torch.testing.assert_close(last, model.forward_features(images)[:, 1:])
 
 
+class _Batch:
+    """A data.Batch's shape: images, targets, source indices."""
+
+    def __init__(self, images, targets, indices):
+        self.images, self.targets, self.indices = images, targets, indices
+
+
+def test_probes_get_global_positions_and_the_loaders_source_indices():
+    model = _build("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2))
+    x = torch.randn(3, 3, 32, 32)
+    empty = (torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.int64))
+    given = torch.tensor([7, 2])
+    rec = Recorder()
+    batches = [(x, torch.full((3,), -1)), empty, _Batch(x[:2], torch.full((2,), -1), given)]
+    run_probes(model, batches, [rec], device="cpu")
+    first, second = rec.batches  # the empty batch reaches no probe and takes no position
+    assert first.positions.tolist() == [0, 1, 2] and first.indices.tolist() == [0, 1, 2]
+    assert second.positions.tolist() == [3, 4] and second.indices.tolist() == [7, 2]
+
+
+def test_positions_follow_the_stride_rule_of_this_processs_shard(monkeypatch):
+    import vitdiag.engine as engine
+    from vitdiag.distributed import Shard
+
+    # Process 1 of 3 reads images 1, 4, 7, … of the single-process order.
+    monkeypatch.setattr(engine, "current_shard", lambda: Shard(1, 3))
+    model = _build("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2))
+    rec = Recorder()
+    batches = [(torch.randn(2, 3, 32, 32), torch.full((2,), -1)) for _ in range(2)]
+    run_probes(model, batches, [rec], device="cpu")
+    assert [t.positions.tolist() for t in rec.batches] == [[1, 4], [7, 10]]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_a_shards_positions_are_where_its_images_sit_in_the_single_process_order(world):
+    from vitdiag.data import select_indices
+    from vitdiag.distributed import Shard
+
+    order = select_indices(23, limit=17, seed=4)
+    for rank in range(world):
+        shard = Shard(rank, world)
+        mine = select_indices(23, limit=17, seed=4, rank=rank, world_size=world)
+        assert shard.take(order) == mine
+        assert [order[p] for p in shard.positions(0, len(mine)).tolist()] == mine
+
+
+def test_no_probe_knows_about_processes():
+    """Sharding is the engine's: probes import neither the engine, vitdiag.distributed nor
+    torch.distributed (they get global positions from the engine instead)."""
+    import ast
+    from pathlib import Path
+
+    banned = ("vitdiag.engine", "vitdiag.distributed", "torch.distributed")
+    root = Path(__file__).resolve().parents[1] / "vitdiag" / "probes"
+    hits = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            hits += [f"{path.name}:{node.lineno} {n}" for n in names if n.startswith(banned)]
+    assert not hits, hits
+
+
 def test_one_forward_per_batch_feeds_every_probe():
     model = _build("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2))
     calls = []

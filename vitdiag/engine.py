@@ -1,4 +1,4 @@
-"""The single pass: one forward per batch, taps handed to every probe, sums reduced across ranks.
+"""The single pass: one forward per batch, taps handed to every probe, sums reduced over processes.
 
 Taps come from forward hooks placed where the family table says (`families.py`), not from
 timm's `forward_intermediates`: hooks give block outputs, the final features, pre-logits and
@@ -9,7 +9,6 @@ need a second call (or per-family handling of its return value) to reach the log
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import sys
 import time
@@ -19,6 +18,12 @@ from typing import Any
 
 import torch
 
+from vitdiag.distributed import current_shard, reduce_pass
+
+# Re-exported only for the modules that still import them from here (runner, report,
+# commands/); they live in vitdiag.distributed, and these two lines go once those move.
+from vitdiag.distributed import init_distributed as init_distributed
+from vitdiag.distributed import is_main_process as is_main_process
 from vitdiag.errors import VitdiagError
 from vitdiag.families import NCHW, NHWC, NLC, PIT, LayerTap, family_of, module_at
 from vitdiag.probes.base import FEATURES, LAYERS, LOGITS, PATCH, PRELOGITS, Probe, Taps
@@ -304,32 +309,106 @@ def _run_probes(
     quiet: bool,
     description: str,
 ) -> RunSummary:
+    ctx = _run_context(model, device, amp, channels_last, seed, loaded)
+    forward = SharedForward(ctx, probes)
+    start = time.perf_counter()
+    try:
+        progress = make_progress(total_images, quiet)
+        n_images, n_bad = _feed(batches, probes, forward, progress, total_images, description)
+    finally:
+        forward.close()
+    # The probes' sums become the sums over every process before any of them computes.
+    n_images, n_bad, world = reduce_pass(probes, n_images, n_bad, ctx.device)
+    if n_images == 0:
+        raise VitdiagError(
+            "no image could be read from the dataset; check the path and that it holds image files."
+        )
+    results = [p.compute() for p in probes]
+    return RunSummary(results, n_images, n_bad, time.perf_counter() - start, world)
+
+
+def _run_context(
+    model: torch.nn.Module,
+    device: torch.device | str,
+    amp: str,
+    channels_last: bool,
+    seed: int,
+    loaded: Any,
+) -> RunContext:
+    """The model on its device, in eval mode (and channels-last if asked), with the AMP dtype."""
     if not isinstance(device, torch.device):
         device = resolve_device(device)
     amp_dtype = resolve_amp(amp, device)
     model = model.to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ctx = RunContext(model, device, amp_dtype, channels_last, seed, loaded)
+    return RunContext(model, device, amp_dtype, channels_last, seed, loaded)
 
-    needs: set[str] = set()
-    for p in probes:
-        needs |= set(p.needs)
-    recorder = LayerRecorder(model, family_of(model).layer_taps(model)) if LAYERS in needs else None
-    want_pre = PRELOGITS in needs
-    want_logits = LOGITS in needs
-    # The patch embedding is computed by the forward anyway: a hook keeps it rather than a
-    # probe running patch_embed a second time.
-    patch_seen: dict[str, Any] = {}
-    patch_hook = None
-    if PATCH in needs and getattr(model, "patch_embed", None) is not None:
-        patch_hook = model.patch_embed.register_forward_hook(
-            lambda _m, _a, out: patch_seen.__setitem__("out", out)
+
+class SharedForward:
+    """The one forward per batch, keeping what the probes asked for (`Probe.needs`): layer
+    tokens and the patch embedding through hooks, pre-logits and logits from the head."""
+
+    def __init__(self, ctx: RunContext, probes: Sequence[Probe]) -> None:
+        self.ctx = ctx
+        self.needs: set[str] = set()
+        for p in probes:
+            self.needs |= set(p.needs)
+        model = ctx.model
+        self.recorder = (
+            LayerRecorder(model, family_of(model).layer_taps(model))
+            if LAYERS in self.needs
+            else None
         )
+        # The patch embedding is computed by the forward anyway: a hook keeps it rather than a
+        # probe running patch_embed a second time.
+        self._patch_seen: dict[str, Any] = {}
+        self._patch_hook = None
+        if PATCH in self.needs and getattr(model, "patch_embed", None) is not None:
+            self._patch_hook = model.patch_embed.register_forward_hook(
+                lambda _m, _a, out: self._patch_seen.__setitem__("out", out)
+            )
 
+    def taps(self, images: torch.Tensor, targets: torch.Tensor) -> Taps:
+        """Forward one batch and hand back its taps (images and targets on the device)."""
+        ctx, model = self.ctx, self.ctx.model
+        taps = Taps(images=images, targets=targets.to(torch.int64), context=ctx)
+        with torch.inference_mode(), ctx.autocast():
+            x = ctx.prepare(images)
+            feats = model.forward_features(x)
+            if PRELOGITS in self.needs:
+                taps.prelogits = _float(model.forward_head(feats, pre_logits=True))
+            if LOGITS in self.needs:
+                taps.logits = _float(model.forward_head(feats))
+        taps.features = _float(feats) if FEATURES in self.needs else None
+        taps.patch = self._patch_seen.pop("out", None)
+        taps.images = x
+        taps.targets = taps.targets.to(ctx.device, non_blocking=True)
+        if self.recorder is not None:
+            taps.layers, taps.prefix = self.recorder.collect()
+        return taps
+
+    def close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+        if self._patch_hook is not None:
+            self._patch_hook.remove()
+
+
+def _feed(
+    batches: Iterable[Any],
+    probes: Sequence[Probe],
+    forward: SharedForward,
+    progress: Any,
+    total_images: int | None,
+    description: str,
+) -> tuple[int, int]:
+    """Every batch through the shared forward into every probe; (images read, unreadable)
+    by this process."""
+    # The loader read this process's shard by the stride rule; each batch's global positions
+    # follow from it, so probes see global indices and never which process they run in.
+    shard = current_shard()
     n_images = n_bad = 0
-    start = time.perf_counter()
-    progress = make_progress(total_images, quiet)
     task = None
     try:
         if progress is not None:
@@ -340,23 +419,12 @@ def _run_probes(
             n_bad += bad
             if images.shape[0] == 0:
                 continue
-            taps = Taps(images=images, targets=targets.to(torch.int64), context=ctx)
+            taps = forward.taps(images, targets)
+            taps.positions = shard.positions(n_images, images.shape[0])
             # Source indices and views made by the loader's workers (data.Batch), if any.
-            taps.indices = getattr(batch, "indices", None)
+            given = getattr(batch, "indices", None)
+            taps.indices = taps.positions if given is None else given
             taps.views = getattr(batch, "views", None)
-            with torch.inference_mode(), ctx.autocast():
-                x = ctx.prepare(images)
-                feats = model.forward_features(x)
-                if want_pre:
-                    taps.prelogits = _float(model.forward_head(feats, pre_logits=True))
-                if want_logits:
-                    taps.logits = _float(model.forward_head(feats))
-            taps.features = _float(feats) if FEATURES in needs else None
-            taps.patch = patch_seen.pop("out", None)
-            taps.images = x
-            taps.targets = taps.targets.to(device, non_blocking=True)
-            if recorder is not None:
-                taps.layers, taps.prefix = recorder.collect()
             for probe in probes:
                 probe.update(taps)
             n_images += images.shape[0]
@@ -365,86 +433,4 @@ def _run_probes(
     finally:
         if progress is not None:
             progress.stop()
-        if recorder is not None:
-            recorder.close()
-        if patch_hook is not None:
-            patch_hook.remove()
-
-    world = 1
-    if is_distributed():
-        import torch.distributed as dist
-
-        world = dist.get_world_size()
-        totals = torch.tensor([n_images, n_bad, float(n_images == 0)], dtype=torch.float64)
-        totals = all_reduce_sum(totals, device)
-        # A process that saw no image may lack lazily created states (similarity makes its
-        # sums at the first batch), and the reductions below would then wait forever.
-        if totals[2] > 0 and totals[0] > 0:
-            raise VitdiagError(
-                f"{int(totals[2])} of {world} processes got no image to read "
-                f"({int(totals[0])} images in all); start no more processes than there are images."
-            )
-        if totals[0] > 0:
-            for probe in probes:
-                reduce_probe(probe, device)
-        n_images, n_bad = int(totals[0]), int(totals[1])
-    if n_images == 0:
-        raise VitdiagError(
-            "no image could be read from the dataset; check the path and that it holds image files."
-        )
-    results = [p.compute() for p in probes]
-    return RunSummary(results, n_images, n_bad, time.perf_counter() - start, world)
-
-
-# -- torch.distributed -------------------------------------------------------------------------
-
-
-def is_distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the process group torchrun set up (gloo on CPU, nccl on GPU); (rank, world size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    import torch.distributed as dist
-
-    # nccl reduces CUDA tensors only; gloo is happy with CPU ones.
-    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    buf = t.to(on).clone()
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    return buf.to(t.device)
-
-
-def reduce_probe(probe: Probe, device: torch.device) -> None:
-    import torch.distributed as dist
-
-    for name, value in probe.sum_states().items():
-        probe.set_state(name, all_reduce_sum(value, device))
-    cats = probe.cat_states()
-    if cats:
-        local = {k: [v.cpu() for v in vs] for k, vs in cats.items()}
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local)
-        merged = {k: [t for part in gathered for t in part[k]] for k in cats}
-        probe.merge_cat_states(merged)
-
-
-def is_main_process() -> bool:
-    import torch.distributed as dist
-
-    return not is_distributed() or dist.get_rank() == 0
+    return n_images, n_bad

@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from vitdiag.engine import is_main_process, unchanged
+from vitdiag.distributed import is_main_process
+from vitdiag.engine import unchanged
 from vitdiag.errors import VitdiagError
 from vitdiag.model import LoadedModel, from_module
 from vitdiag.results import write_atomic

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from vitdiag.errors import VitdiagError
-from vitdiag.probes.base import Probe, Taps
+from vitdiag.probes.base import Probe, Taps, global_indices
 from vitdiag.probes.variance import patch_tokens, variance_sums, variances_from_sums
 from vitdiag.results import Result, Table
 
@@ -250,7 +250,7 @@ class AugmentAuditProbe(Probe):
         self.model = patch_model
         self.patch = int(patch)
         self.seed = int(seed)
-        self.position = 0
+        self.position = 0  # images seen: the next position, for batches without the engine's
         self.augs = [
             _Erasing(s, self.device) if s.kind == "erasing" else _Mixing(s) for s in self.specs
         ]
@@ -269,26 +269,13 @@ class AugmentAuditProbe(Probe):
             x = patch_tokens(self.model, images)
         return img, variance_sums(x)
 
-    def _positions(self, n: int) -> list[int]:
-        """Global indices of this batch's images, so each image gets the same erasing draw
-        whatever the number of processes: `make_loader` shards by stride (rank::world), so
-        local image k of rank r is image r + k·world of the single-process order."""
-        from vitdiag.engine import is_distributed
-
-        rank, world = 0, 1
-        if is_distributed():
-            import torch.distributed as dist
-
-            rank, world = dist.get_rank(), dist.get_world_size()
-        return [rank + (self.position + k) * world for k in range(n)]
-
     def update(self, taps: Taps) -> None:
         images = taps.images.float()
         b, c = images.shape[:2]
         # The image's index in its source when the loader gives it (the same whatever the
-        # --limit sample, shard or batch), else its place in the stream.
-        given = taps.indices
-        positions = given.tolist() if given is not None else self._positions(b)
+        # --limit sample, shard or batch), else its place in the stream: each image gets the
+        # same erasing draw whatever the number of processes.
+        positions = global_indices(taps, self.position).tolist()
         self.position += b
         if c == 3:
             flat = images.transpose(0, 1).reshape(3, -1)
@@ -350,12 +337,43 @@ def audit_result(
 ) -> Result:
     """The audit's Result: the ratio table, the data table, the guideline flags."""
     metrics: dict[str, float] = {}
+    notes: list[str] = []
+    tables = [_ratio_table(probe, reference, metrics, notes)]
+    mean, std = probe.channel_stats()
+    tables.append(_data_table(mean, std, normalisation, metrics))
+    fits = normalisation_fits(mean, std)
+    flags = _guideline_flags(cfg, mean, std, fits)
+    if not fits and not any(f[0] == "pixel-normalisation" for f in flags):
+        notes.append(
+            f"after this normalisation the data has mean {_fmt3(mean)} and std {_fmt3(std)}, "
+            "not ≈0 and ≈1: pixel-mode erasing would change its variance."
+        )
+    for name in ("mixup", "erasing-mode", "pixel-normalisation"):
+        metrics[f"flag/{name}"] = float(any(f[0] == name for f in flags))
+    if flags:
+        tables.append(Table("Guideline flags (arXiv 2405.14115)", ["flag", "why"], flags))
+    elif not reference:
+        notes.append("no guideline flag: the configured augmentations keep the variance.")
+    notes += _scope_notes(probe, reference)
+    return Result(
+        probe="augment",
+        definition=DEFINITION,
+        metrics=metrics,
+        tables=tables,
+        notes=notes,
+        extra=_audit_extra(probe, cfg),
+    )
+
+
+def _ratio_table(
+    probe: AugmentAuditProbe, reference: bool, metrics: dict[str, float], notes: list[str]
+) -> Table:
+    """The variance ratio of each augmentation (its metrics and notes added to the given ones)."""
     has_x = probe.model is not None
     cols = ["augmentation", "setting", "expected", "image", "patch"]
     if has_x:
         cols += ["X", "X token"]
     rows = []
-    notes: list[str] = []
     for i, spec in enumerate(probe.specs):
         r = probe.ratios(i)
         exp = spec.expected()
@@ -384,24 +402,34 @@ def audit_result(
         + "; expected: on independent unit-variance images; (name): not configured, "
         + ("a reference set" if reference else "measured for comparison")
     )
-    tables = [Table(title, cols, rows)]
+    return Table(title, cols, rows)
 
-    mean, std = probe.channel_stats()
+
+def _data_table(
+    mean: list[float],
+    std: list[float],
+    normalisation: tuple[Sequence[float], Sequence[float]] | None,
+    metrics: dict[str, float],
+) -> Table:
+    """The data's per-channel mean and std after normalisation, beside the normalisation used
+    (its metrics added to the given ones)."""
     norm_mean, norm_std = normalisation or ([math.nan] * 3, [math.nan] * 3)
     data_rows = []
     for ch in range(3):
         metrics[f"data_mean/{ch}"] = mean[ch]
         metrics[f"data_std/{ch}"] = std[ch]
         data_rows.append([ch, mean[ch], std[ch], norm_mean[ch], norm_std[ch]])
-    tables.append(
-        Table(
-            "The data after normalisation (pixel erasing needs mean≈0, std≈1)",
-            ["channel", "mean", "std", "normalised with mean", "std"],
-            data_rows,
-        )
+    return Table(
+        "The data after normalisation (pixel erasing needs mean≈0, std≈1)",
+        ["channel", "mean", "std", "normalised with mean", "std"],
+        data_rows,
     )
 
-    fits = normalisation_fits(mean, std)
+
+def _guideline_flags(
+    cfg: AugmentConfig, mean: list[float], std: list[float], fits: bool
+) -> list[list[str]]:
+    """[flag, why] for each of the paper's guidelines the configuration breaks."""
     flags: list[list[str]] = []
     if cfg.mixup > 0:
         flags.append(
@@ -432,17 +460,12 @@ def audit_result(
                 "mean/std so the fill matches it.",
             ]
         )
-    if not fits and not any(f[0] == "pixel-normalisation" for f in flags):
-        notes.append(
-            f"after this normalisation the data has mean {_fmt3(mean)} and std {_fmt3(std)}, "
-            "not ≈0 and ≈1: pixel-mode erasing would change its variance."
-        )
-    for name in ("mixup", "erasing-mode", "pixel-normalisation"):
-        metrics[f"flag/{name}"] = float(any(f[0] == name for f in flags))
-    if flags:
-        tables.append(Table("Guideline flags (arXiv 2405.14115)", ["flag", "why"], flags))
-    elif not reference:
-        notes.append("no guideline flag: the configured augmentations keep the variance.")
+    return flags
+
+
+def _scope_notes(probe: AugmentAuditProbe, reference: bool) -> list[str]:
+    """What the measurement covers and leaves out."""
+    notes = []
     if reference:
         notes.append(
             "no augmentation was configured (--train-args, --mixup, --cutmix, --reprob): a "
@@ -453,38 +476,35 @@ def audit_result(
             "Mixup is measured on every image; timm's mixup_prob and switch_prob (with CutMix) "
             "dilute its effect in proportion."
         )
-    if not has_x:
+    if probe.model is None:
         notes.append("give --ckpt to measure X = patch_embed(image) as well.")
-    return Result(
-        probe="augment",
-        definition=DEFINITION,
-        metrics=metrics,
-        tables=tables,
-        notes=notes,
-        extra={
-            "augmentations": [
-                {
-                    "name": s.name,
-                    "kind": s.kind,
-                    "alpha": s.alpha,
-                    "prob": s.prob,
-                    "mode": s.mode,
-                    "configured": s.configured,
-                    "n_images": float(probe.n_images[i]),
-                }
-                for i, s in enumerate(probe.specs)
-            ],
-            "config": {
-                "mixup": cfg.mixup,
-                "cutmix": cfg.cutmix,
-                "reprob": cfg.reprob,
-                "remode": cfg.remode,
-                "sources": cfg.sources,
-            },
-            "patch": probe.patch,
-            "fit_rule": f"|mean| <= {FIT_MEAN} and |std - 1| <= {FIT_STD} in every channel",
+    return notes
+
+
+def _audit_extra(probe: AugmentAuditProbe, cfg: AugmentConfig) -> dict[str, Any]:
+    return {
+        "augmentations": [
+            {
+                "name": s.name,
+                "kind": s.kind,
+                "alpha": s.alpha,
+                "prob": s.prob,
+                "mode": s.mode,
+                "configured": s.configured,
+                "n_images": float(probe.n_images[i]),
+            }
+            for i, s in enumerate(probe.specs)
+        ],
+        "config": {
+            "mixup": cfg.mixup,
+            "cutmix": cfg.cutmix,
+            "reprob": cfg.reprob,
+            "remode": cfg.remode,
+            "sources": cfg.sources,
         },
-    )
+        "patch": probe.patch,
+        "fit_rule": f"|mean| <= {FIT_MEAN} and |std - 1| <= {FIT_STD} in every channel",
+    }
 
 
 def _fmt3(values: Sequence[float]) -> str:

@@ -30,6 +30,14 @@ class Taps:
 
     layers / prefix: layer name -> (B, n, D) grid tokens / (B, p, D) prefix tokens (float32).
     targets: (B,) class indices, -1 where the data has no label.
+    positions: (B,) int64, each image's place in the single-process stream of the pass (the
+        n-th image read is n − 1), the same whatever the number of processes (when every image
+        decodes; distinct images always get distinct positions): the engine computes them from
+        its sharding, so a probe never needs to know about processes.
+    indices: (B,) int64, each image's index in its source when the loader gives it (the same
+        whatever the --limit sample, shard or batch), else its position.
+    A probe handed batches outside the engine (positions None) is one process reading one
+    stream: `stream_positions` counts for it.
     """
 
     images: torch.Tensor
@@ -40,13 +48,39 @@ class Taps:
     prelogits: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     context: Any = None  # the engine's RunContext, for probes that run extra forwards
-    indices: torch.Tensor | None = None  # (B,) source indices, when the loader gives them
+    indices: torch.Tensor | None = None  # (B,) source indices, else positions (see above)
     views: dict[str, torch.Tensor] | None = None  # what the loader's workers made (data.Batch)
     patch: Any = None  # patch_embed's output in this batch's forward, as the module returned it
+    positions: torch.Tensor | None = None  # (B,) global stream positions (see above)
 
     @property
     def labelled(self) -> torch.Tensor:
         return self.targets >= 0
+
+
+def stream_positions(taps: Taps, seen: int) -> torch.Tensor:
+    """(B,) int64 global stream positions of this batch: the engine's, else (batches handed
+    over directly, one stream) `seen` + 0, 1, … where `seen` counts the images before it."""
+    if taps.positions is not None:
+        return taps.positions.detach().cpu().to(torch.int64)
+    return seen + torch.arange(int(taps.images.shape[0]), dtype=torch.int64)
+
+
+def global_indices(taps: Taps, seen: int) -> torch.Tensor:
+    """(B,) int64 global indices of this batch's images: their source indices when given, else
+    their stream positions (`stream_positions`)."""
+    if taps.indices is not None:
+        return taps.indices.detach().cpu().to(torch.int64)
+    return stream_positions(taps, seen)
+
+
+def first_position(taps: Taps) -> int:
+    """The global stream position of the batch's first image (0 when the engine gives none or
+    the batch is empty): per-shard randomness is named by it, so that one process draws what it
+    always drew and no probe needs to know which process it runs in."""
+    if taps.positions is None or taps.positions.numel() == 0:
+        return 0
+    return int(taps.positions.reshape(-1)[0])
 
 
 # Which data a probe reads: the training split, the evaluation split, or none at all.
@@ -106,7 +140,7 @@ class Probe:
         return t
 
     def add_cat_state(self, name: str) -> list[torch.Tensor]:
-        """A list of tensors; across processes the lists are concatenated (rank order)."""
+        """A list of tensors; across processes the lists are concatenated (in process order)."""
         lst: list[torch.Tensor] = []
         self._cat_states[name] = lst
         setattr(self, name, lst)

@@ -26,7 +26,16 @@ import torch
 from torch import nn
 
 from vitdiag.errors import VitdiagError
-from vitdiag.probes.base import FEATURES, LABELS, LOGITS, PRELOGITS, TRAIN, Probe, Taps
+from vitdiag.probes.base import (
+    FEATURES,
+    LABELS,
+    LOGITS,
+    PRELOGITS,
+    TRAIN,
+    Probe,
+    Taps,
+    first_position,
+)
 from vitdiag.probes.classifier import (
     STD_DDOF,
     Head,
@@ -312,12 +321,6 @@ def degenerate_notes(sums: ClassSums, W: torch.Tensor, label: str = "") -> list[
 # -- the streaming probe ---------------------------------------------------------------------
 
 
-def process_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 class CollapseProbe(Probe):
     """Neural collapse of one or more linear heads over a pass of labelled data.
 
@@ -379,7 +382,6 @@ class CollapseProbe(Probe):
         *,
         budget: int = DEFAULT_BUDGET,
         seed: int | None = None,
-        rank: int | None = None,
         compute_dtype: torch.dtype | None = None,
     ) -> None:
         """compute_dtype: the per-batch products' dtype; None: `compute_dtype_for` the
@@ -392,9 +394,9 @@ class CollapseProbe(Probe):
         self.heads = list(heads)
         self.budget = int(budget)
         self.seed = seed
-        self.rank = rank
         self.compute_dtype = compute_dtype
         self._rng: np.random.Generator | None = None
+        self._first_position: int | None = None  # names the key stream (see `_generator`)
         self._threshold = [math.inf] * len(self.heads)
         self._started = [False] * len(self.heads)
         self._device_params: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -419,14 +421,21 @@ class CollapseProbe(Probe):
         return cls(classifier_heads(model), **kwargs)
 
     def _generator(self, taps: Taps) -> np.random.Generator:
+        """The NC4 keys' stream, named by (seed, global position of the first image this probe
+        was handed). That position is 0 for one process and different for every shard (under
+        the engine's stride rule the k-th process starts at image k), so each shard draws its
+        own keys, and one process draws those of [seed, 0], as it always has.
+
+        Not a key per global index: one process draws a key per labelled image in order, so its
+        j-th labelled image gets draw j whatever unlabelled or unreadable images came before;
+        a key that is a function of the image's global index alone could not keep that."""
         if self._rng is None:
             seed = self.seed
             if seed is None:
                 seed = int(getattr(taps.context, "seed", 0) or 0)
-            rank = process_rank() if self.rank is None else self.rank
             self.seed = seed
             # numpy draws doubles one after another, so keys do not depend on batch sizes.
-            self._rng = np.random.default_rng([seed, rank])
+            self._rng = np.random.default_rng([seed, self._first_position or 0])
         return self._rng
 
     def _head_input(self, head: Head, taps: Taps) -> torch.Tensor:
@@ -449,6 +458,8 @@ class CollapseProbe(Probe):
         return h
 
     def update(self, taps: Taps) -> None:
+        if self._first_position is None:
+            self._first_position = first_position(taps)
         mask = taps.labelled
         if not bool(mask.any()):
             return

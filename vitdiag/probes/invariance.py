@@ -32,7 +32,7 @@ from vitdiag.augmentations import (
     parse_augmentations,
 )
 from vitdiag.errors import VitdiagError
-from vitdiag.probes.base import FEATURES, PRELOGITS, TRAIN, Probe, Taps
+from vitdiag.probes.base import FEATURES, PRELOGITS, TRAIN, Probe, Taps, global_indices
 from vitdiag.results import Result, Table
 
 DEFINITION = "vitdiag-v1"
@@ -194,7 +194,7 @@ class InvarianceProbe(Probe):
         self._augs: list[Augmentation] | None = None
         self._layout: tuple[str, int] | None = None
         self._in_workers = False  # whether views came from the loader's workers
-        self._seen = 0  # images this process has seen: the stream position of the next batch
+        self._seen = 0  # images seen: the next position, for batches without the engine's
         for i in range(len(specs)):
             self.add_sum_state(f"sums{i}", (5,))
 
@@ -250,21 +250,6 @@ class InvarianceProbe(Probe):
             prefix="invariance/",
         )
 
-    def _positions(self, n: int) -> list[int]:
-        """Stream positions of this batch, the same whatever the number of processes.
-
-        `make_loader` shards by stride (rank::world), so local image k of rank r is image
-        r + k·world of the single-process order.
-        """
-        from vitdiag.engine import is_distributed
-
-        rank, world = 0, 1
-        if is_distributed():
-            import torch.distributed as dist
-
-            rank, world = dist.get_rank(), dist.get_world_size()
-        return [rank + (self._seen + k) * world for k in range(n)]
-
     def update(self, taps: Taps) -> None:
         if self._augs is None:
             self._setup(taps)
@@ -273,9 +258,8 @@ class InvarianceProbe(Probe):
         images = taps.images
         b, v = images.shape[0], self.views
         # Seeds follow the image's index in its source when the loader says it (so views match
-        # the workers' ones), else its place in the stream.
-        indices = getattr(taps, "indices", None)
-        positions = indices.tolist() if indices is not None else self._positions(b)
+        # the workers' ones), else its place in the stream: the same whatever the process count.
+        positions = global_indices(taps, self._seen).tolist()
         made = getattr(taps, "views", None) or {}
         seed = ctx.seed if self.seed is None else self.seed
         self._seen += b

@@ -26,9 +26,8 @@ import torch
 from torch import nn
 
 from vitdiag.errors import VitdiagError
-from vitdiag.probes.base import LABELS, TRAIN, Probe, Taps
+from vitdiag.probes.base import LABELS, TRAIN, Probe, Taps, first_position
 from vitdiag.probes.classifier import Head, classifier_heads, heads_missing
-from vitdiag.probes.collapse import process_rank
 from vitdiag.results import Result, Table
 
 __all__ = [
@@ -198,7 +197,6 @@ class MixupGeometryProbe(Probe):
         pairs: int = 64,
         lambdas: Sequence[float] = DEFAULT_LAMBDAS,
         seed: int | None = None,
-        rank: int | None = None,
         train_mode: bool = False,
         plot_pairs: int = 6,
         plot_classes: Sequence[int] | None = None,
@@ -211,7 +209,7 @@ class MixupGeometryProbe(Probe):
         if plot_classes is not None and len(set(plot_classes)) != 3:
             raise VitdiagError("--plot-classes takes exactly three different class indices.")
         self.head = head
-        self.pairs, self.lambdas, self.seed, self.rank = int(pairs), lam, seed, rank
+        self.pairs, self.lambdas, self.seed = int(pairs), lam, seed
         self.train_mode, self.plot_pairs, self.carry = train_mode, int(plot_pairs), int(carry)
         self._fixed_triple = None if plot_classes is None else [int(c) for c in plot_classes]
         L, D = len(lam), head.dim
@@ -236,6 +234,7 @@ class MixupGeometryProbe(Probe):
         self.add_cat_state("plot_meta")  # (n, 3): kind, class a, class b
         self.add_cat_state("plot_triple")  # (1, 3) this process's plot classes, -1 if unknown
         self._rng: np.random.Generator | None = None
+        self._first_position: int | None = None  # names the pair stream (see `_generator`)
         self._carry_x: torch.Tensor | None = None
         self._carry_y: list[int] = []
         self._plot_pool: dict[int, list[torch.Tensor]] = {}
@@ -259,9 +258,10 @@ class MixupGeometryProbe(Probe):
             if seed is None:
                 seed = int(getattr(taps.context, "seed", 0) or 0)
             self.seed = seed
-            self._rng = np.random.default_rng(
-                [seed, process_rank() if self.rank is None else self.rank]
-            )
+            # Named by the global position of the first image this probe was handed: 0 for one
+            # process (whose pairs are those of [seed, 0]), another for each shard, so shards
+            # draw different pairs (pairs come from within a shard's batches anyway).
+            self._rng = np.random.default_rng([seed, self._first_position or 0])
         return self._rng
 
     def _stats_done(self) -> bool:
@@ -274,6 +274,8 @@ class MixupGeometryProbe(Probe):
         )
 
     def update(self, taps: Taps) -> None:
+        if self._first_position is None:
+            self._first_position = first_position(taps)
         if self._stats_done() and self._plot_done():
             return
         if taps.context is None:

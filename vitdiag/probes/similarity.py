@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from vitdiag.errors import VitdiagError
-from vitdiag.probes.base import LAYERS, TRAIN, Probe, Taps
+from vitdiag.probes.base import LAYERS, TRAIN, Probe, Taps, global_indices, stream_positions
 from vitdiag.results import Result, Table
 
 DEFINITION = "gong2021-abs-cos-v1"
@@ -215,7 +215,7 @@ _STATS = (
     "erank_n",  # images whose effective rank was measured (the sample)
     "erank_sum",
     "erank_sq",
-    "first_n",  # 1 once the stream's first image was seen (on rank 0), else 0
+    "first_n",  # 1 once the stream's first image (position 0) was seen, else 0
     "erank_first",  # its effective rank: the fallback when the sample is empty
     "tokens",
 )
@@ -274,7 +274,7 @@ class SimilarityProbe(Probe):
         self.requested = None if layers is None else list(layers)
         self.erank_every = erank_every
         self.layer_names: list[str] | None = None
-        self._seen = 0  # images this process has seen: the stream position of the next batch
+        self._seen = 0  # images seen: the next position, for batches without the engine's
 
     def _resolve_layers(self, available: list[str]) -> list[str]:
         if self.requested is None:
@@ -288,22 +288,6 @@ class SimilarityProbe(Probe):
         wanted = set(self.requested)
         return [name for name in available if name in wanted]  # depth order, not request order
 
-    def _positions(self, b: int, indices: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global indices of this batch's images, and which of them is the stream's first.
-
-        The source indices when the loader gives them, else stream positions: `make_loader`
-        shards by stride (rank::world), so local image k of rank r is image r + k·world of the
-        single-process order, whatever the number of processes.
-        """
-        import torch.distributed as dist
-
-        rank, world = 0, 1
-        if dist.is_available() and dist.is_initialized():
-            rank, world = dist.get_rank(), dist.get_world_size()
-        stream = rank + (self._seen + torch.arange(b)) * world
-        given = stream if indices is None else indices.detach().cpu().to(torch.int64)
-        return given, stream == 0
-
     def update(self, taps: Taps) -> None:
         if self.layer_names is None:
             self.layer_names = self._resolve_layers(list(taps.layers))
@@ -311,7 +295,10 @@ class SimilarityProbe(Probe):
             for stat in _STATS:
                 self.add_sum_state(stat, (len(self.layer_names),))
         b = taps.images.shape[0]
-        index, first = self._positions(b, getattr(taps, "indices", None))
+        # The sample follows each image's global index (its source index when the loader gives
+        # it); the fallback is the stream's first image, position 0, which only one process has.
+        index = global_indices(taps, self._seen)
+        first = stream_positions(taps, self._seen) == 0
         self._seen += b
         sampled = index % self.erank_every == 0
         # One eigen-decomposition per image of the sample and of the fallback (the first image).
