@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchvision.transforms import TrivialAugmentWide
 
 from vitdiag.errors import VitdiagError
 
@@ -288,6 +289,43 @@ class PixelAugmentation(PerImageAugmentation):
         return views.to(images.device, images.dtype)
 
 
+def portable_linspace(start: float, end: float, steps: int) -> torch.Tensor:
+    """`torch.linspace(start, end, steps)` in float32 with the same bits on every CPU.
+
+    torch's vectorised kernel (AVX2, AVX-512) fuses ``start + step·i`` (and ``end − step·(n−1−i)``
+    for the upper half) into one rounding; its scalar kernel (``ATEN_CPU_CAPABILITY=default``)
+    rounds twice, so some bins differ in the last bit. Here the product and sum are exact in
+    float64 (a float32 step times an integer below 2^24 fits in 53 bits) and rounded once to
+    float32: the vectorised kernel's values, computed by IEEE arithmetic alone."""
+    a, b = np.float32(start), np.float32(end)
+    if steps == 1:
+        return torch.tensor([a], dtype=torch.float32)
+    step = np.float32((b - a) / np.float32(steps - 1))
+    i = np.arange(steps, dtype=np.float64)
+    low = np.float64(a) + np.float64(step) * i
+    high = np.float64(b) - np.float64(step) * (steps - 1 - i)
+    values = np.where(i < steps // 2, low, high).astype(np.float32)
+    return torch.from_numpy(values)
+
+
+class PortableTrivialAugmentWide(TrivialAugmentWide):
+    """torchvision's TrivialAugmentWide with magnitude bins that do not depend on the CPU.
+
+    torchvision takes the bins from `torch.linspace`, whose scalar and vectorised kernels differ
+    in the last bit (see `portable_linspace`); TranslateX then shifts by ``int(15.999999)`` or
+    ``int(16.0)`` pixels, and under ``ATEN_CPU_CAPABILITY=default`` the fixtures' TrivialAugment
+    Linv/Ldiv moved by 2e-4 where float32 noise is 1e-7. Every float bin is rebuilt from its
+    end points with `portable_linspace`; the draws and the ops are torchvision's own."""
+
+    def _augmentation_space(self, num_bins: int) -> dict[str, tuple[torch.Tensor, bool]]:
+        space = super()._augmentation_space(num_bins)
+        for op, (magnitudes, signed) in space.items():
+            if magnitudes.ndim == 1 and magnitudes.is_floating_point() and len(magnitudes) > 1:
+                ends = float(magnitudes[0]), float(magnitudes[-1])
+                space[op] = (portable_linspace(*ends, len(magnitudes)), signed)
+        return space
+
+
 class ErasingAugmentation(PerImageAugmentation):
     """timm RandomErasing with probability 1, on the normalised image (as timm applies it)."""
 
@@ -438,10 +476,12 @@ def build_augmentation(
             desc = f"timm auto_augment_transform({AUTOAUGMENT_CONFIG!r})"
         return PixelAugmentation(name, t, mean, std, desc)
     if name == "trivialaugment":
-        from torchvision.transforms import TrivialAugmentWide
-
         return PixelAugmentation(
-            name, TrivialAugmentWide(), mean, std, "torchvision TrivialAugmentWide()"
+            name,
+            PortableTrivialAugmentWide(),
+            mean,
+            std,
+            "torchvision TrivialAugmentWide() (magnitude bins computed the same on every CPU)",
         )
     if name == "colorjitter":
         from torchvision.transforms import ColorJitter
