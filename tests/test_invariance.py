@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from tolerances import FORWARD_RTOL
 from typer.testing import CliRunner
 
 from vitdiag import augmentations as A
@@ -441,8 +442,10 @@ def test_invariance_is_the_same_whatever_the_workers_and_batch_size(image_folder
     for settings in ({"workers": 2, "batch_size": 4}, {"workers": 0, "batch_size": 16}):
         other = _invariance_run(image_folder, **settings)
         assert other.metrics.keys() == base.metrics.keys()
+        # Another batch size runs the float32 forward on other matrix shapes, whose kernels
+        # may block the sums differently: equal within the forward budget, not bit for bit.
         for key, value in base.metrics.items():
-            assert other.metrics[key] == pytest.approx(value, rel=0, abs=1e-12), (settings, key)
+            assert other.metrics[key] == pytest.approx(value, rel=FORWARD_RTOL), (settings, key)
     # the seed matters, so equality above is not two runs of a constant
     moved = _invariance_run(image_folder, workers=0, batch_size=4, seed=1)
     assert any(abs(moved.metrics[k] - v) > 1e-4 for k, v in base.metrics.items())

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tolerances import FORWARD_RTOL
 
 from vitdiag.errors import VitdiagError
 from vitdiag.families import LayerTap, family_of, module_at
@@ -500,9 +501,10 @@ def test_sample_does_not_depend_on_batch_size_or_workers() -> None:
     assert 0 < first["erank_images"] < 40 and first["erank_every"] == 16
     for other in runs[1:]:
         assert other.extra["erank_images"] == first["erank_images"]
-        np.testing.assert_allclose(other.extra["erank"], first["erank"], rtol=1e-12)
-        np.testing.assert_allclose(other.extra["erank_std"], first["erank_std"], rtol=1e-9)
-        np.testing.assert_allclose(other.extra["mean"], first["mean"], rtol=0, atol=1e-12)
+        # Other batch sizes give the float32 forward other shapes (tests/tolerances.py).
+        np.testing.assert_allclose(other.extra["erank"], first["erank"], rtol=FORWARD_RTOL)
+        np.testing.assert_allclose(other.extra["erank_std"], first["erank_std"], rtol=FORWARD_RTOL)
+        np.testing.assert_allclose(other.extra["mean"], first["mean"], rtol=FORWARD_RTOL)
 
 
 def test_erank_every_one_is_the_every_image_mean_of_the_svd_definition() -> None:
