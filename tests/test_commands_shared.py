@@ -12,8 +12,8 @@ def _app(seen: dict) -> typer.Typer:
     app = typer.Typer()
 
     @shared("model", "image_interpolation", "json_out")
-    def cmd(interpolation: str = "bicubic", c: Shared = None) -> None:
-        seen.update(own=interpolation, c=c)
+    def cmd(interpolation: str = "bicubic", opts: Shared = None) -> None:
+        seen.update(own=interpolation, opts=opts)
 
     app.command()(cmd)
     app.command("other")(lambda: None)  # two commands, so `cmd` is a subcommand as in vitdiag
@@ -25,14 +25,14 @@ def test_shared_options_reach_the_command_in_one_value():
     args = ["cmd", "--arch", "vit_tiny_patch16_224", "--model-arg", "num_heads=2", "--ema"]
     result = CliRunner().invoke(_app(seen), [*args, "--image-interpolation", "bilinear"])
     assert result.exit_code == 0, result.output
-    c = seen["c"]
-    assert (c.arch, c.model_arg, c.ema, c.interpolation) == (
+    opts = seen["opts"]
+    assert (opts.arch, opts.model_arg, opts.ema, opts.interpolation) == (
         "vit_tiny_patch16_224",
         ["num_heads=2"],
         True,
         "bilinear",
     )
-    assert c.json_out is None and c.batch_size == 64  # not this command's options: defaults
+    assert opts.json_out is None and opts.batch_size == 64  # not this command's options: defaults
 
 
 def test_own_interpolation_does_not_overwrite_the_image_interpolation():
@@ -42,14 +42,14 @@ def test_own_interpolation_does_not_overwrite_the_image_interpolation():
     result = CliRunner().invoke(_app(seen), ["cmd", "--interpolation", "nearest"])
     assert result.exit_code == 0, result.output
     assert seen["own"] == "nearest"
-    assert seen["c"].interpolation is None
+    assert seen["opts"].interpolation is None
 
 
 def test_shared_options_follow_the_command_own_in_the_signature():
     import inspect
 
     @shared("data", "model")
-    def cmd(ckpt: str | None = None, c: Shared = None, later: int = 1) -> None: ...
+    def cmd(ckpt: str | None = None, opts: Shared = None, later: int = 1) -> None: ...
 
     names = list(inspect.signature(cmd).parameters)
     assert names == ["ckpt", "data", "arch", "ema", "unsafe_pickle", "model_arg", "native_size",

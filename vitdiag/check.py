@@ -7,6 +7,7 @@ A config is a TOML file, ``vitdiag.toml`` (keys at the top level) or a ``pyproje
     train = "fixtures/data/train"     # optional: training images (collapse, similarity, ...)
     sizes = [48]                      # optional: extra sizes for variance (also read from names)
     limit = 200                       # optional: at most this many images per dataset
+    views = 4                         # optional: any run setting by its name (see the README)
     checks = [
       "eval.top1 >= 0.85",
       "collapse.nc1 < 0.5",
@@ -22,12 +23,15 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vitdiag.errors import VitdiagError
+
+if TYPE_CHECKING:
+    from vitdiag.settings import Settings
 
 OPS = ("<", "<=", ">", ">=")
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
@@ -198,23 +202,25 @@ def sizes_from(thresholds: Iterable[Threshold]) -> list[int | tuple[int, int]]:
 
 @dataclass
 class CheckConfig:
-    """What `vitdiag check` reads from vitdiag.toml or [tool.vitdiag]."""
+    """What `vitdiag check` reads from vitdiag.toml or [tool.vitdiag].
+
+    options: the run settings the config gives, by `Settings` field (its keys are the fields
+    declared with `config=True`); read as attributes too, `cfg.limit` being the config's value
+    or the command line's default."""
 
     path: Path
     checks: list[Threshold]
     data: str | None = None
     train: str | None = None
     sizes: list[int | tuple[int, int]] = field(default_factory=list)
-    limit: int | None = None
-    batch_size: int = 64
-    seed: int = 0
-    per_class: int | None = None
-    workers: int = 0
-    aug: str = "all"
-    views: int = 4
-    embedding: str = "prelogits"
-    pairs: int = 64
-    nc4_budget: int = 10_000
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        from vitdiag.settings import cli_default, config_keys
+
+        if name != "options" and name in config_keys():
+            return self.options.get(name, cli_default(name))
+        raise AttributeError(name)
 
     @property
     def probes(self) -> set[str]:
@@ -227,24 +233,47 @@ class CheckConfig:
         return out
 
 
-_TYPES: dict[str, tuple[type, ...]] = {
-    "data": (str,),
-    "train": (str,),
-    "sizes": (list,),
-    "limit": (int,),
-    "batch_size": (int,),
-    "seed": (int,),
-    "per_class": (int,),
-    "workers": (int,),
-    "aug": (str, list),
-    "views": (int,),
-    "embedding": (str,),
-    "pairs": (int,),
-    "nc4_budget": (int,),
-    "checks": (list,),
+# the config's own keys (data and sizes for the run, checks), around the run settings' keys
+_OWN_TYPES: dict[str, tuple[type, ...]] = {"data": (str,), "train": (str,), "sizes": (list,)}
+_KIND = {
+    int: "an integer",
+    str: "a string",
+    list: "a list",
+    float: "a number",
+    bool: "true or false",
 }
-_KIND = {int: "an integer", str: "a string", list: "a list"}
-_POSITIVE = ("limit", "batch_size", "per_class", "views", "pairs", "nc4_budget")
+
+
+def _types() -> dict[str, tuple[type, ...]]:
+    """config key -> the TOML types it takes: a run setting's from its declared type (a comma
+    list on the command line may be a TOML list), then checks."""
+    from vitdiag.settings import config_keys
+    from vitdiag.settings import options as declared
+
+    out = dict(_OWN_TYPES)
+    for key in config_keys():
+        kinds = tuple(t for t in getattr(declared()[key].type, "__args__", (declared()[key].type,)))
+        kinds = tuple(t for t in kinds if t is not type(None))
+        out[key] = (*kinds, list) if str in kinds else (*kinds, int) if float in kinds else kinds
+    out["checks"] = (list,)
+    return out
+
+
+def _checked_value(path: Path, key: str, value: Any, kinds: tuple[type, ...]) -> Any:
+    """One config value of the right TOML type, a run setting also within its declared range."""
+    from vitdiag.settings import check_option, config_keys
+
+    wrong_bool = isinstance(value, bool) and bool not in kinds
+    if not isinstance(value, kinds) or wrong_bool:
+        raise VitdiagError(
+            f"{path}: {key} must be {' or '.join(_KIND[t] for t in kinds)}, got {value!r}."
+        )
+    if key not in config_keys():
+        return value
+    if isinstance(value, list):  # a TOML list for a comma list
+        value = ",".join(str(v) for v in value)
+    check_option(key, value, where=f"{path}: {key}")
+    return value
 
 
 def _toml():
@@ -312,23 +341,27 @@ def load_config(path: Path | str) -> CheckConfig:
         if path.name == "pyproject.toml":
             raise VitdiagError(f"{path} has no [tool.vitdiag] table; add one with checks = [...].")
         table, section = doc, "the top level"
-    unknown = sorted(set(table) - set(_TYPES) - ({"tool"} if table is doc else set()))
+    types = _types()
+    unknown = sorted(set(table) - set(types) - ({"tool"} if table is doc else set()))
     if unknown:
         raise VitdiagError(
             f"{path}: unknown key(s) {', '.join(unknown)} in {section}; "
-            f"valid keys: {', '.join(_TYPES)}."
+            f"valid keys: {', '.join(types)}."
         )
-    for key, value in table.items():
-        if key in _TYPES and (
-            not isinstance(value, _TYPES[key]) or isinstance(value, bool) and int in _TYPES[key]
-        ):
-            kinds = " or ".join(_KIND[t] for t in _TYPES[key])
-            raise VitdiagError(f"{path}: {key} must be {kinds}, got {value!r}.")
-        if key in _POSITIVE and value <= 0:
-            raise VitdiagError(f"{path}: {key} must be positive, got {value}.")
-        if key in ("workers", "seed") and value < 0:
-            raise VitdiagError(f"{path}: {key} must be 0 or more, got {value}.")
-    checks = table.get("checks")
+    values = {k: _checked_value(path, k, v, types[k]) for k, v in table.items() if k in types}
+    base = path.resolve().parent
+    return CheckConfig(
+        path=path,
+        checks=_thresholds(path, raw, values.get("checks"), section),
+        data=_resolve_data(values["data"], base) if "data" in values else None,
+        train=_resolve_data(values["train"], base) if "train" in values else None,
+        sizes=_sizes(path, values.get("sizes", [])),
+        options={k: v for k, v in values.items() if k not in (*_OWN_TYPES, "checks")},
+    )
+
+
+def _thresholds(path: Path, raw: str, checks: Any, section: str) -> list[Threshold]:
+    """The config's checks, each naming its line in the file."""
     if not checks:
         raise VitdiagError(
             f'{path}: no checks; add checks = ["eval.top1 >= 0.85", ...] to {section}.'
@@ -339,8 +372,12 @@ def load_config(path: Path | str) -> CheckConfig:
         line = _line_of(lines, text, after) if isinstance(text, str) else None
         parsed.append(parse_threshold(text, source=str(path), line=line))
         after = line or after
+    return parsed
+
+
+def _sizes(path: Path, items: list) -> list[int | tuple[int, int]]:
     sizes: list[int | tuple[int, int]] = []
-    for s in table.get("sizes", []):
+    for s in items:
         if isinstance(s, int) and not isinstance(s, bool) and s > 0:
             sizes.append(s)
         elif isinstance(s, str) and re.fullmatch(r"\d+x\d+", s):
@@ -350,25 +387,7 @@ def load_config(path: Path | str) -> CheckConfig:
                 f'{path}: sizes must be positive pixel sizes like [224, 384] or "224x320", '
                 f"got {s!r}."
             )
-    base = path.resolve().parent
-    aug = table.get("aug", "all")
-    return CheckConfig(
-        path=path,
-        checks=parsed,
-        data=_resolve_data(table["data"], base) if "data" in table else None,
-        train=_resolve_data(table["train"], base) if "train" in table else None,
-        sizes=sizes,
-        limit=table.get("limit"),
-        batch_size=table.get("batch_size", 64),
-        seed=table.get("seed", 0),
-        per_class=table.get("per_class"),
-        workers=table.get("workers", 0),
-        aug=",".join(aug) if isinstance(aug, list) else aug,
-        views=table.get("views", 4),
-        embedding=table.get("embedding", "prelogits"),
-        pairs=table.get("pairs", 64),
-        nc4_budget=table.get("nc4_budget", 10_000),
-    )
+    return sizes
 
 
 # -- judging --------------------------------------------------------------------------------------
@@ -465,27 +484,17 @@ def junit_xml(
 # -- what `vitdiag check` runs and writes --------------------------------------------------------
 
 
-def run_settings(cfg: CheckConfig, *, limit: int | None, runtime: Any) -> Any:
-    """The runner's Settings from the config; `runtime` carries device, amp, channels_last
-    and quiet from the command line, and `limit` overrides the config's."""
-    from vitdiag.runner import Settings
+def run_settings(cfg: CheckConfig, given: Mapping[str, Any]) -> Settings:
+    """The run's Settings, built as every command builds its own (`build_settings`, the same
+    defaults): the config's run settings, overridden by those given on the command line
+    (`given`, by field: device, amp, ..., --limit; None = not given)."""
+    from vitdiag.settings import build_settings
 
-    return Settings(
-        batch_size=cfg.batch_size,
-        workers=cfg.workers,
-        limit=limit or cfg.limit,
-        seed=cfg.seed,
-        per_class=cfg.per_class,
-        device=runtime.device,
-        amp=runtime.amp,
-        channels_last=runtime.channels_last,
-        quiet=runtime.quiet,
-        aug=cfg.aug,
-        views=cfg.views,
-        embedding=cfg.embedding,
-        pairs=cfg.pairs,
-        nc4_budget=cfg.nc4_budget,
-    )
+    values = {**cfg.options, **{k: v for k, v in given.items() if v is not None}}
+    try:
+        return build_settings(values, invariance="invariance" in cfg.probes)
+    except VitdiagError as e:  # the command line's values were checked before: the config's
+        raise VitdiagError(f"{cfg.path}: {e}") from None
 
 
 def check_document(outcomes: Sequence[Outcome], results: Any, model: dict) -> dict:

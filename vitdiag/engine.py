@@ -19,11 +19,6 @@ from typing import Any
 import torch
 
 from vitdiag.distributed import current_shard, reduce_pass
-
-# Re-exported only for the modules that still import them from here (runner, report,
-# commands/); they live in vitdiag.distributed, and these two lines go once those move.
-from vitdiag.distributed import init_distributed as init_distributed
-from vitdiag.distributed import is_main_process as is_main_process
 from vitdiag.errors import VitdiagError
 from vitdiag.families import NCHW, NHWC, NLC, PIT, LayerTap, family_of, module_at
 from vitdiag.probes.base import FEATURES, LAYERS, LOGITS, PATCH, PRELOGITS, Probe, Taps

@@ -1,19 +1,28 @@
 """Option types shared by the commands, so every command spells an option the same way.
 
-Each sits in a help panel (Model, Data, Runtime, Output) so `vitdiag CMD --help` reads by topic.
+Each sits in a help panel (Model, Data, Runtime, Output, Probes) so `vitdiag CMD --help` reads by
+topic. The run settings (--batch-size, --limit, the probes' options, ...) are declared on their
+`vitdiag.settings.Settings` field; `setting(name)` makes the Typer option from that declaration.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-# --workers' default: half the usable CPUs, at most 8 (see vitdiag.hardware).
-from vitdiag.hardware import DEFAULT_WORKERS as DEFAULT_WORKERS
+from vitdiag.settings import DATA, MODEL, OUTPUT, PROBES, RUNTIME, options
 
-MODEL, DATA, RUNTIME, OUTPUT, PROBES = "Model", "Data", "Runtime", "Output", "Probes"
+__all__ = ["DATA", "MODEL", "OUTPUT", "PROBES", "RUNTIME", "setting"]
+
+
+def setting(name: str) -> Any:
+    """The Typer option of the `Settings` field `name`, from its declaration."""
+    opt = options()[name]
+    flags = (opt.flag, opt.short) if opt.short else (opt.flag,)
+    return Annotated[opt.type, typer.Option(*flags, help=opt.help, rich_help_panel=opt.panel)]
+
 
 Checkpoint = Annotated[
     str | None,
@@ -72,35 +81,6 @@ Data = Annotated[
         rich_help_panel=DATA,
     ),
 ]
-Limit = Annotated[
-    int | None, typer.Option("--limit", help="Use at most this many images.", rich_help_panel=DATA)
-]
-BatchSize = Annotated[
-    int, typer.Option("--batch-size", help="Images per forward pass.", rich_help_panel=DATA)
-]
-Workers = Annotated[
-    int,
-    typer.Option(
-        "--workers",
-        help="Processes that decode and augment images while the model runs (0: in this "
-        "process). Default: half the CPUs, at most 8.",
-        rich_help_panel=DATA,
-    ),
-]
-Seed = Annotated[
-    int,
-    typer.Option(
-        "--seed", help="Seed for sampling, augmentation and --limit.", rich_help_panel=DATA
-    ),
-]
-Strict = Annotated[
-    bool,
-    typer.Option(
-        "--strict",
-        help="Fail on the first unreadable image instead of skipping it.",
-        rich_help_panel=DATA,
-    ),
-]
 Size = Annotated[
     int | None,
     typer.Option(
@@ -109,40 +89,7 @@ Size = Annotated[
         rich_help_panel=DATA,
     ),
 ]
-Mean = Annotated[
-    str | None,
-    typer.Option(
-        "--mean", help="Normalisation mean, e.g. 0.485,0.456,0.406.", rich_help_panel=DATA
-    ),
-]
-Std = Annotated[
-    str | None,
-    typer.Option("--std", help="Normalisation std, e.g. 0.229,0.224,0.225.", rich_help_panel=DATA),
-]
-Interpolation = Annotated[
-    str | None,
-    typer.Option(
-        "--interpolation",
-        help="Resize interpolation (bicubic, bilinear, ...).",
-        rich_help_panel=DATA,
-    ),
-]
-CropPct = Annotated[
-    float | None, typer.Option("--crop-pct", help="Centre-crop fraction.", rich_help_panel=DATA)
-]
 
-Device = Annotated[
-    str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=RUNTIME)
-]
-Amp = Annotated[
-    str, typer.Option("--amp", help="Mixed precision: off, bf16 or fp16.", rich_help_panel=RUNTIME)
-]
-ChannelsLast = Annotated[
-    bool,
-    typer.Option(
-        "--channels-last", help="Run in channels-last memory format.", rich_help_panel=RUNTIME
-    ),
-]
 JsonOut = Annotated[
     Path | None,
     typer.Option(
@@ -150,9 +97,6 @@ JsonOut = Annotated[
         help="Write the results as JSON to this path ('-' for stdout).",
         rich_help_panel=OUTPUT,
     ),
-]
-Quiet = Annotated[
-    bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=RUNTIME)
 ]
 
 # -- the options of the commands that run every probe (report, trend) -------------------------
@@ -198,53 +142,6 @@ Probes = Annotated[
         "--probes",
         help="Comma list of probes (classifier, eval, calibration, variance, collapse, "
         "mixup_geometry, similarity, invariance) or all: every one that applies.",
-        rich_help_panel=PROBES,
-    ),
-]
-PerClass = Annotated[
-    int | None,
-    typer.Option("--per-class", help="At most N --data images per class.", rich_help_panel=PROBES),
-]
-Layers = Annotated[
-    str | None,
-    typer.Option(
-        "--layers", help="Similarity: comma-separated layer names.", rich_help_panel=PROBES
-    ),
-]
-ErankEvery = Annotated[
-    int,
-    typer.Option(
-        "--erank-every",
-        help="Similarity: effective rank on the images whose index is a multiple of N "
-        "(1: every image).",
-        rich_help_panel=PROBES,
-    ),
-]
-Aug = Annotated[
-    str,
-    typer.Option(
-        "--aug",
-        help="Invariance augmentations (comma list or all); each costs --views extra "
-        "forwards per image.",
-        rich_help_panel=PROBES,
-    ),
-]
-Views = Annotated[
-    int, typer.Option("--views", help="Invariance: views per image.", rich_help_panel=PROBES)
-]
-Embedding = Annotated[
-    str,
-    typer.Option("--embedding", help="Invariance: prelogits, cls or gap.", rich_help_panel=PROBES),
-]
-Pairs = Annotated[
-    int,
-    typer.Option("--pairs", help="Mixup geometry: pairs of each kind.", rich_help_panel=PROBES),
-]
-Nc4Budget = Annotated[
-    int,
-    typer.Option(
-        "--nc4-budget",
-        help="Images kept for NC4 (exact up to this many).",
         rich_help_panel=PROBES,
     ),
 ]

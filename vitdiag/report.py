@@ -109,7 +109,7 @@ def emit(
 
     shown: the results printed, when they differ from those written (several checkpoints in
     one table); then: more output for people after the tables, given the console."""
-    from vitdiag.engine import is_main_process
+    from vitdiag.distributed import is_main_process
 
     if not is_main_process():
         return

@@ -17,56 +17,31 @@ that probe (`native_pass`) and reads the data again only at the other sizes.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vitdiag.errors import VitdiagError
 from vitdiag.results import Result
+from vitdiag.runtime import Runtime
+from vitdiag.settings import Settings
 
+if TYPE_CHECKING:
+    import torch
 
-@dataclass
-class Settings:
-    """Data, device and probe options shared by every pass (the CLI's common options)."""
+    from vitdiag.data import ImageSource
+    from vitdiag.data.loader import Loader, ViewMaker
+    from vitdiag.data.transforms import EvalTransform
+    from vitdiag.engine import RunSummary
+    from vitdiag.model import LoadedModel
+    from vitdiag.probes.base import Probe
+    from vitdiag.probes.variance import VarianceShiftProbe
 
-    batch_size: int = 64
-    workers: int = field(default_factory=lambda: _default_workers())
-    limit: int | None = None
-    seed: int = 0
-    strict: bool = False
-    per_class: int | None = None  # training-data subsample (collapse, mixup geometry)
-    mean: Sequence[float] | None = None
-    std: Sequence[float] | None = None
-    interpolation: str | None = None
-    crop_pct: float | None = None
-    device: str = "auto"
-    amp: str = "off"
-    channels_last: bool = False
-    quiet: bool = True
-    # probes
-    layers: list[str] | None = None
-    erank_every: int = 16  # similarity: effective rank on images whose index is a multiple
-    aug: str | Sequence[str] = "all"
-    views: int = 4
-    embedding: str = "prelogits"
-    alpha: str | float | None = None
-    nc4_budget: int = 10_000
-    pairs: int = 64
-    train_mode: bool = False
-    bins: int = 15
-    table_interpolations: Sequence[str] = ("bicubic",)
-    rescales: Sequence[str | float] = ("none", "sqrt-axis", "sqrt-area", "empirical")
-    reduction: str = "per-token"
-    # Refuse data with more classes than outputs (off for probes that never read labels).
-    label_check: bool = True
-    label: str | None = None  # the progress bar's label (default: the dataset's role)
+__all__ = ["Plan", "Results", "Runtime", "Settings", "run_all", "run_pass"]
 
-
-def _default_workers() -> int:
-    from vitdiag.hardware import DEFAULT_WORKERS
-
-    return DEFAULT_WORKERS
+Size = int | tuple[int, int]
 
 
 class Results(list):
@@ -78,7 +53,7 @@ class Results(list):
 
     def __init__(self, items: Iterable[Result] = ()) -> None:
         super().__init__(items)
-        self.data: dict[str, dict] = {}
+        self.data: dict[str, dict[str, object]] = {}
         self.skipped: dict[str, str] = {}
         self.passes: list[str] = []
         self.seconds = 0.0
@@ -124,7 +99,9 @@ def parse_probes(text: str | Iterable[str] | None) -> set[str] | None:
     return names
 
 
-def why_not(name: str, loaded: Any, train: Any, val: Any) -> str | None:
+def why_not(
+    name: str, loaded: LoadedModel, train: ImageSource | None, val: ImageSource | None
+) -> str | None:
     """None if probe `name` applies to this model and data, else one sentence why not."""
     from vitdiag.probes.base import EVAL, NO_DATA
     from vitdiag.probes.registry import probe_class
@@ -140,7 +117,7 @@ def why_not(name: str, loaded: Any, train: Any, val: Any) -> str | None:
     return why
 
 
-def require(loaded: Any, names: Iterable[str]) -> None:
+def require(loaded: LoadedModel, names: Iterable[str]) -> None:
     """Refuse, with the probe's own sentence, a model that a wanted probe cannot measure."""
     from vitdiag.probes.registry import probe_class
 
@@ -151,7 +128,10 @@ def require(loaded: Any, names: Iterable[str]) -> None:
 
 
 def plan_probes(
-    loaded: Any, source: Any, val_source: Any = None, probes: set[str] | None = None
+    loaded: LoadedModel,
+    source: ImageSource | None,
+    val_source: ImageSource | None = None,
+    probes: set[str] | None = None,
 ) -> Plan:
     """Decide the probes: all that apply when `probes` is None; asking for one that does not
     apply is an error (a check could never be evaluated)."""
@@ -175,16 +155,18 @@ def plan_probes(
     return plan
 
 
-def open_source(data: Any, settings: Settings) -> Any:
+def open_source(
+    data: str | os.PathLike[str] | ImageSource | None, settings: Settings
+) -> ImageSource | None:
     """An `ImageSource` from a path/spec string, or the source itself."""
-    if data is None or not isinstance(data, str) and not hasattr(data, "__fspath__"):
+    if data is None or not isinstance(data, (str, os.PathLike)):
         return data
     from vitdiag.data import open_dataset
 
     return open_dataset(str(data), strict=settings.strict, seed=settings.seed)
 
 
-def label_notes(loaded: Any, source: Any) -> list[str]:
+def label_notes(loaded: LoadedModel, source: ImageSource) -> list[str]:
     """Refuse data with more classes than outputs; note when class folders differ from labels."""
     if not source.labelled or source.classes is None:
         return []
@@ -203,12 +185,12 @@ def label_notes(loaded: Any, source: Any) -> list[str]:
 
 
 def run_all(
-    loaded: Any,
-    source: Any,
+    loaded: LoadedModel,
+    source: str | os.PathLike[str] | ImageSource | None,
     *,
     probes: set[str] | Iterable[str] | str | None = None,
-    val_source: Any = None,
-    sizes: Sequence[int] | None = None,
+    val_source: str | os.PathLike[str] | ImageSource | None = None,
+    sizes: Sequence[Size] | None = None,
     settings: Settings | None = None,
     **options: Any,
 ) -> Results:
@@ -225,51 +207,50 @@ def run_all(
     """
     from vitdiag.engine import unchanged
 
+    s = dataclasses.replace(settings or Settings(), **options)
     with unchanged(loaded.model):
-        return _run_all(loaded, source, probes, val_source, sizes, settings, options)
+        return _run_all(loaded, source, val_source, probes, sizes, s)
 
 
 def _run_all(
-    loaded: Any,
-    source: Any,
+    loaded: LoadedModel,
+    source: str | os.PathLike[str] | ImageSource | None,
+    val_source: str | os.PathLike[str] | ImageSource | None,
     probes: set[str] | Iterable[str] | str | None,
-    val_source: Any,
-    sizes: Sequence[int] | None,
-    settings: Settings | None,
-    options: dict[str, Any],
+    sizes: Sequence[Size] | None,
+    s: Settings,
 ) -> Results:
-    from vitdiag.engine import init_distributed
+    from vitdiag.distributed import init_distributed
 
-    s = dataclasses.replace(settings or Settings(), **options)
     wanted = parse_probes(probes) if isinstance(probes, str) else probes
     if wanted is not None:
         wanted = parse_probes(list(wanted))
-    source = open_source(source, s)
-    val_source = open_source(val_source, s)
-    plan = plan_probes(loaded, source, val_source, wanted)
+    run = Runtime(s, open_source(source, s), open_source(val_source, s))
+    plan = plan_probes(loaded, run.source, run.val_source, wanted)
     init_distributed()
 
     out = Results()
     out.skipped = dict(plan.skipped)
     found: dict[str, Result] = {
-        n: build_probe(n, loaded, None, s).compute() for n in plan.data_free
+        n: build_probe(n, loaded, None, run.settings).compute() for n in plan.data_free
     }
 
     start = time.perf_counter()
-    if source is not None and (val_source is None or val_source is source):
-        groups = [("data", source, plan.train + plan.val)]
-    else:
-        groups = [("data", source, plan.train), ("val", val_source, plan.val)]
-    for role, data, names in groups:
+    splits = run.splits()
+    for role, data in splits:
+        names = plan.train + plan.val if len(splits) == 1 else getattr(plan, _SPLIT[role])
         if not names:
             continue
-        found.update(_one_pass(loaded, data, role, names, sizes, s, out))
+        found.update(_one_pass(loaded, run, data, role, names, sizes, out))
     out.seconds = time.perf_counter() - start
     out.extend(found[p] for p in probe_names() if p in found)
     return out
 
 
-def transform_at(data_config: dict, s: Settings, size: Any) -> Any:
+_SPLIT = {"data": "train", "val": "val"}  # a pass's role -> the Plan list it runs
+
+
+def transform_at(data_config: dict[str, object], s: Settings, size: Size) -> EvalTransform:
     """The eval transform at `size` with the run's normalisation and crop overrides."""
     from vitdiag.data import eval_transform
 
@@ -284,15 +265,20 @@ def transform_at(data_config: dict, s: Settings, size: Any) -> Any:
 
 
 def loader_for(
-    source: Any, transform: Any, s: Settings, per_class: int | None = None, views: Any = None
-) -> Any:
+    source: ImageSource,
+    transform: EvalTransform | None,
+    s: Settings,
+    per_class: int | None = None,
+    views: ViewMaker | None = None,
+) -> Loader:
     """This process's shard of `source` through `transform`, as the run's settings ask.
 
     views: a `vitdiag.data.ViewMaker` whose output the workers add to each batch."""
     from vitdiag.data import make_loader
-    from vitdiag.engine import init_distributed, resolve_device
+    from vitdiag.distributed import join_shard
+    from vitdiag.engine import resolve_device
 
-    rank, world = init_distributed()
+    shard = join_shard()
     return make_loader(
         source,
         transform,
@@ -300,15 +286,17 @@ def loader_for(
         workers=s.workers,
         limit=s.limit,
         seed=s.seed,
-        rank=rank,
-        world_size=world,
+        rank=shard.rank,
+        world_size=shard.world,
         per_class=per_class,
         views=views,
         pin_memory=resolve_device(s.device).type == "cuda",
     )
 
 
-def build_probe(name: str, loaded: Any, transform: Any, s: Settings) -> Any:
+def build_probe(
+    name: str, loaded: LoadedModel, transform: EvalTransform | None, s: Settings
+) -> Probe:
     """Probe `name` configured from the run's settings (its class's own `build`)."""
     from vitdiag.probes.registry import probe_class
 
@@ -319,21 +307,21 @@ def build_probe(name: str, loaded: Any, transform: Any, s: Settings) -> Any:
 class Pass:
     """One engine pass: the engine's summary, the data it read and the notes for its results."""
 
-    summary: Any
-    data: dict
+    summary: RunSummary
+    data: dict[str, object]
     notes: list[str]
 
 
 def run_pass(
-    loaded: Any,
-    source: Any,
-    probes: list,
+    loaded: LoadedModel | None,
+    source: ImageSource,
+    probes: list[Probe],
     s: Settings,
     *,
-    transform: Any,
+    transform: EvalTransform,
     per_class: int | None = None,
     description: str = "data",
-    model: Any = None,
+    model: torch.nn.Module | None = None,
 ) -> Pass:
     """Check the labels, feed `probes` one pass over `source`, and say what was read.
 
@@ -347,14 +335,10 @@ def run_pass(
         model if model is not None else loaded.model,
         loader,
         probes,
-        device=s.device,
-        amp=s.amp,
-        channels_last=s.channels_last,
-        seed=s.seed,
         loaded=loaded,
         total_images=loader.n_images,
-        quiet=s.quiet,
         description=s.label or description,
+        **Runtime(s).engine_options(),
     )
     if summary.n_unreadable:
         notes.append(
@@ -364,7 +348,7 @@ def run_pass(
     return Pass(summary, desc, notes)
 
 
-def _loader_views(probes: list) -> Any:
+def _loader_views(probes: list[Probe]) -> ViewMaker | None:
     """What the probes ask the loader's workers to make besides the clean batch (augmented
     views), merged into one maker; None when nothing."""
     makers = [m for p in probes if (m := getattr(p, "loader_views", lambda: None)()) is not None]
@@ -376,17 +360,18 @@ def _loader_views(probes: list) -> Any:
 
 
 def _one_pass(
-    loaded: Any,
-    source: Any,
+    loaded: LoadedModel,
+    run: Runtime,
+    source: ImageSource,
     role: str,
     names: list[str],
-    sizes: Sequence[int] | None,
-    s: Settings,
+    sizes: Sequence[Size] | None,
     out: Results,
 ) -> dict[str, Result]:
     from vitdiag.probes.base import TRAIN
     from vitdiag.probes.registry import probe_class
 
+    s = run.settings
     transform = transform_at(loaded.data_config, s, loaded.img_size)
     per_class = s.per_class if any(probe_class(n).split == TRAIN for n in names) else None
     variance_here = "variance" in names and _at_native(loaded)
@@ -412,10 +397,8 @@ def _one_pass(
             continue
         found[name] = result
     if "variance" in names:
-        native_probe = probes.get("variance")
-        found["variance"] = _variance(
-            loaded, source, sizes or [], native_probe, summary, s, out, per_class
-        )
+        native = None if "variance" not in probes else (probes["variance"], summary)
+        found["variance"] = _variance(loaded, run, source, sizes or [], native, out, per_class)
     for name, result in found.items():
         result.notes.extend(done.notes)
         result.extra["dataset"] = role
@@ -426,31 +409,31 @@ def _one_pass(
     return found
 
 
-def _at_native(loaded: Any) -> bool:
+def _at_native(loaded: LoadedModel) -> bool:
     return tuple(loaded.img_size) == tuple(loaded.native_size)
 
 
 def _variance(
-    loaded: Any,
-    source: Any,
-    sizes: Sequence[int],
-    native_probe: Any,
-    native_summary: Any,
-    s: Settings,
+    loaded: LoadedModel,
+    run: Runtime,
+    source: ImageSource,
+    sizes: Sequence[Size],
+    native_pass: tuple[VarianceShiftProbe, RunSummary] | None,
     out: Results,
     per_class: int | None = None,
 ) -> Result:
     """The variance study; its native-size numbers come from the shared pass when there is one
-    (`native_probe`), so only the other sizes read the data again.
+    (`native_pass`: its probe and summary), so only the other sizes read the data again.
 
     per_class: the shared pass's subsample; every size reads those same images, since a shift
     r(s)/r0 of two image sets measures the sets, not the size."""
-    from vitdiag.studies.variance import variance_study
+    from vitdiag.size_sweep import variance_study
 
+    s = run.settings
     asked = list(sizes)
-    held: dict[tuple, Any] = {}
+    held: dict[tuple[int, int], Loader] = {}
 
-    def batches_at(at: Any, size: Any) -> Any:
+    def batches_at(at: LoadedModel, size: tuple[int, int]) -> Loader:
         # Passes A and B at one size read the data alike: one loader (and worker pool) serves
         # both; the previous size's loader is let go so its workers exit.
         key = tuple(size)
@@ -466,15 +449,11 @@ def _variance(
         asked or [tuple(loaded.native_size)],
         batches_at=batches_at,
         accuracy=source.labelled,
-        native_pass=None if native_probe is None else (native_probe, native_summary),
+        native_pass=native_pass,
         interpolations=s.table_interpolations,
         rescales=s.rescales,
         reduction=s.reduction,
-        device=s.device,
-        amp=s.amp,
-        channels_last=s.channels_last,
-        seed=s.seed,
-        quiet=s.quiet,
+        **run.engine_options(),
     )
     out.passes.extend(study.passes)
     if not source.labelled:

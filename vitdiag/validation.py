@@ -11,55 +11,22 @@ from pathlib import Path
 from typing import Any
 
 from vitdiag.errors import VitdiagError
+from vitdiag.settings import check_invariance_names, check_option, parse_floats, parse_norm
+from vitdiag.settings import options as setting_options
 
-
-def parse_floats(text: str | None, option: str, n: int = 3) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(float(v) for v in text.replace(" ", "").split(","))
-    except ValueError:
-        raise VitdiagError(
-            f"{option} {text!r} is not a list of numbers; write e.g. 0.5,0.5,0.5."
-        ) from None
-    if len(values) == 1:
-        values = values * n
-    if len(values) != n:
-        raise VitdiagError(f"{option} needs 1 or {n} comma-separated numbers, got {len(values)}.")
-    if not all(math.isfinite(v) for v in values):
-        raise VitdiagError(f"{option} {text!r} must be finite numbers; write e.g. 0.5,0.5,0.5.")
-    return values
-
-
-def parse_norm(
-    mean: str | None, std: str | None
-) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
-    """--mean and --std checked together: finite, and std strictly positive (it divides)."""
-    m, s = parse_floats(mean, "--mean"), parse_floats(std, "--std")
-    if s is not None and not all(v > 0 for v in s):
-        raise VitdiagError(f"--std {std!r} must be positive numbers; write e.g. 0.229,0.224,0.225.")
-    return m, s
+__all__ = ["check_option", "parse_floats", "parse_norm"]  # re-exported for the commands
 
 
 # -- option ranges ----------------------------------------------------------------------------
 
-# option -> (test, what a valid value is). Checked before anything is loaded, because a value
-# out of range either fails deep inside a pass or, worse, silently changes the numbers
-# (--crop-pct 0 used to fall back to the model's default).
+# option -> (test, what a valid value is), for the options that are not run settings (those
+# declare their rule on `vitdiag.settings.Settings`). Checked before anything is loaded,
+# because a value out of range either fails deep inside a pass or, worse, silently changes the
+# numbers (--crop-pct 0 used to fall back to the model's default).
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "--crop-pct": (lambda v: 0 < v <= 1, "a fraction in (0, 1], e.g. 0.875 or 1 for no crop"),
     "--size": (lambda v: v > 0, "a positive number of pixels, e.g. 224"),
     "--native-size": (lambda v: v > 0, "a positive number of pixels, e.g. 224"),
-    "--limit": (lambda v: v >= 1, "at least 1 (or leave it out for every image)"),
-    "--batch-size": (lambda v: v >= 1, "at least 1, e.g. 64"),
-    "--workers": (lambda v: v >= 0, "0 (load in this process) or more"),
-    "--seed": (lambda v: 0 <= v < 2**63, "an integer from 0 to 2^63-1"),
-    "--views": (lambda v: v >= 2, "at least 2 (Ldiv compares views with each other)"),
-    "--pairs": (lambda v: v >= 1, "at least 1, e.g. 64"),
-    "--per-class": (lambda v: v >= 1, "at least 1 (or leave it out for every image)"),
-    "--nc4-budget": (lambda v: v >= 1, "at least 1, e.g. 10000"),
     "--bins": (lambda v: v >= 1, "at least 1, e.g. 15"),
-    "--erank-every": (lambda v: v >= 1, "at least 1 (1 measures every image), e.g. 16"),
     "--mixup": (lambda v: v >= 0, "0 (off) or a positive Beta α, e.g. 0.8"),
     "--cutmix": (lambda v: v >= 0, "0 (off) or a positive Beta α, e.g. 1.0"),
     "--reprob": (lambda v: 0 <= v <= 1, "a probability in [0, 1], e.g. 0.25"),
@@ -73,6 +40,9 @@ def check_ranges(**values: Any) -> None:
     """
     for key, value in values.items():
         if value is None:
+            continue
+        if key in setting_options():
+            check_option(key, value)
             continue
         option = "--" + key.replace("_", "-")
         ok, want = _RANGES[option]
@@ -202,11 +172,5 @@ def check_invariance_options(
     aug: str, views: int, embedding: str, alpha: str | float | None = None
 ) -> None:
     """--aug, --views, --embedding and --alpha of the invariance probe, before any model."""
-    from vitdiag.augmentations import parse_alpha, parse_augmentations
-    from vitdiag.probes.invariance import EMBEDDINGS
-
-    parse_augmentations(aug)
-    parse_alpha(alpha)
-    check_ranges(views=views)
-    if embedding not in EMBEDDINGS:
-        raise VitdiagError(f"--embedding {embedding!r} is not known; use {', '.join(EMBEDDINGS)}.")
+    check_invariance_names(aug, embedding, alpha)
+    check_option("views", views)

@@ -40,7 +40,7 @@ AuditSize = Annotated[
 OPTIONS = ("model", "limit", "batch_size", "workers", "seed", "strict", "interpolation")
 
 
-@shared(*OPTIONS, "crop_pct", "device", "json_out", "quiet")
+@shared(*OPTIONS, "mean", "std", "crop_pct", "device", "json_out", "quiet")
 def augment(
     data: o.Data = None,
     ckpt: Ckpt = None,
@@ -49,10 +49,8 @@ def augment(
     cutmix: Cutmix = None,
     reprob: Reprob = None,
     remode: Remode = None,
-    mean: o.Mean = None,
-    std: o.Std = None,
     size: AuditSize = None,
-    c: Shared = None,
+    opts: Shared = None,
 ) -> None:
     """Variance of Mixup / CutMix / random-erasing batches against clean ones, the data's
     mean/std after normalisation, and the paper's guideline flags (arXiv 2405.14115)."""
@@ -61,9 +59,9 @@ def augment(
     from vitdiag.studies.augment import audit, train_args_beside
     from vitdiag.validation import Output, check_outputs, check_ranges, parse_floats
 
-    check_ranges(mixup=mixup, cutmix=cutmix, reprob=reprob, size=size, native_size=c.native_size)
-    c.validate()
-    check_outputs([Output("--json", c.json_out)], [ckpt, data, train_args])
+    check_ranges(mixup=mixup, cutmix=cutmix, reprob=reprob, size=size, native_size=opts.native_size)
+    opts.validate()
+    check_outputs([Output("--json", opts.json_out)], [ckpt, data, train_args])
     beside = train_args_beside(ckpt) if train_args is None else None
     recipe = train_args or beside
     cfg = resolve_config(
@@ -72,12 +70,14 @@ def augment(
         cutmix=cutmix,
         reprob=reprob,
         remode=remode,
-        mean=parse_floats(mean, "--mean"),
-        std=parse_floats(std, "--std"),
+        mean=parse_floats(opts.mean, "--mean"),
+        std=parse_floats(opts.std, "--std"),
     )
-    loaded = c.load(ckpt)[0] if ckpt is not None or c.arch is not None else None
+    loaded = opts.load(ckpt)[0] if ckpt is not None or opts.arch is not None else None
     # The recipe's normalisation (args.yaml, --mean/--std), not the checkpoint's.
-    settings = c.settings(mean=cfg.mean, std=cfg.std)
-    result, done = audit(loaded, c.open(), cfg, settings, size=size, recipe=recipe, beside=beside)
+    settings = opts.settings(mean=cfg.mean, std=cfg.std)
+    result, done = audit(
+        loaded, opts.open(), cfg, settings, size=size, recipe=recipe, beside=beside
+    )
     run = {"seconds": done.summary.seconds}
-    emit("augment", [result], loaded=loaded, data=done.data, json_path=c.json_out, run=run)
+    emit("augment", [result], loaded=loaded, data=done.data, json_path=opts.json_out, run=run)

@@ -7,12 +7,19 @@ model is loaded where possible). Only the probes the thresholds name are run.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from vitdiag import options as o
 from vitdiag.commands.common import Shared, shared
+from vitdiag.errors import VitdiagError
+from vitdiag.validation import Output, check_outputs, check_ranges
+
+if TYPE_CHECKING:
+    from vitdiag.check import Outcome
+    from vitdiag.model import LoadedModel
+    from vitdiag.runner import Results
 
 
 @shared("model", "runtime")
@@ -39,24 +46,20 @@ def check(
     limit: Annotated[
         int | None, typer.Option("--limit", help="Override the config's limit.")
     ] = None,
-    c: Shared = None,
+    opts: Shared = None,
 ) -> None:
     """Check a checkpoint against thresholds such as "collapse.nc1 < 0.5" (exit 1 on failure)."""
-    from vitdiag.check import find_config, judge, load_config, render_outcomes
-    from vitdiag.errors import CheckFailed, VitdiagError
-    from vitdiag.validation import Output, check_invariance_options, check_outputs, check_ranges
+    from vitdiag.check import find_config, judge, load_config, run_settings
+    from vitdiag.errors import CheckFailed
+    from vitdiag.runner import run_all
 
     cfg = load_config(config if config is not None else find_config())
-    data = data or cfg.data
-    train = train or cfg.train
-    check_ranges(limit=limit, native_size=c.native_size)
-    if "invariance" in cfg.probes:
-        try:
-            check_invariance_options(cfg.aug, cfg.views, cfg.embedding)
-        except VitdiagError as e:
-            raise VitdiagError(f"{cfg.path}: {e}") from None
+    data, train = data or cfg.data, train or cfg.train
+    opts.validate()  # the command line's own values, before the config's
+    check_ranges(native_size=opts.native_size)
+    settings = run_settings(cfg, opts.given)
     check_outputs(
-        [Output("--json", c.json_out), Output("--junit", junit)], [ckpt, cfg.path, data, train]
+        [Output("--json", opts.json_out), Output("--junit", junit)], [ckpt, cfg.path, data, train]
     )
     needs_data = cfg.probes - {"classifier"}
     if needs_data and data is None and train is None:
@@ -64,16 +67,7 @@ def check(
             f"{cfg.path}: the checks on {', '.join(sorted(needs_data))} need images; add "
             'data = "path/to/val" (and optionally train = "path/to/train") or pass --data.'
         )
-
-    from vitdiag.check import check_document, check_junit, run_settings
-    from vitdiag.engine import is_main_process
-    from vitdiag.model import describe
-    from vitdiag.report import console
-    from vitdiag.results import dumps, json_to_stdout, write_atomic, write_json_text
-    from vitdiag.runner import run_all
-
-    settings = run_settings(cfg, limit=limit, runtime=c)
-    loaded, _ = c.load(ckpt)
+    loaded, _ = opts.load(ckpt)
     # `train` feeds the training-split probes; `data` is then the held-out split.
     source, val_source = (train, data) if train is not None else (data, None)
     results = run_all(
@@ -85,15 +79,36 @@ def check(
         settings=settings,
     )
     outcomes = judge(cfg.checks, results)
+    _emit(outcomes, results, loaded, opts, ckpt=ckpt, junit=junit, config=cfg.path)
     failed = [x for x in outcomes if not x.passed]
-    if is_main_process():
-        label = Path(ckpt).name if ckpt else f"{c.arch} (random)"
-        con = console(stderr=json_to_stdout(c.json_out))
-        render_outcomes(outcomes, con, title=f"vitdiag check — {label}")
-        model = describe(loaded)
-        if junit is not None:
-            write_atomic(junit, check_junit(outcomes, label, results.seconds, model, cfg.path))
-        if c.json_out is not None:
-            write_json_text(dumps(check_document(outcomes, results, model)), c.json_out)
     if failed:
         raise CheckFailed(f"{len(failed)} of {len(outcomes)} checks failed")
+
+
+def _emit(
+    outcomes: list[Outcome],
+    results: Results,
+    loaded: LoadedModel,
+    opts: Shared,
+    *,
+    ckpt: str | None,
+    junit: Path | None,
+    config: Path,
+) -> None:
+    """The pass/fail table, and the JUnit XML and --json document when asked (main process)."""
+    from vitdiag.check import check_document, check_junit, render_outcomes
+    from vitdiag.distributed import is_main_process
+    from vitdiag.model import describe
+    from vitdiag.report import console
+    from vitdiag.results import dumps, json_to_stdout, write_atomic, write_json_text
+
+    if not is_main_process():
+        return
+    label = Path(ckpt).name if ckpt else f"{opts.arch} (random)"
+    con = console(stderr=json_to_stdout(opts.json_out))
+    render_outcomes(outcomes, con, title=f"vitdiag check — {label}")
+    model = describe(loaded)
+    if junit is not None:
+        write_atomic(junit, check_junit(outcomes, label, results.seconds, model, config))
+    if opts.json_out is not None:
+        write_json_text(dumps(check_document(outcomes, results, model)), opts.json_out)

@@ -12,7 +12,7 @@ from vitdiag.commands.common import Shared, shared
 from vitdiag.errors import VitdiagError
 
 
-@shared("model", "images", "interpolation", "crop_pct", "runtime")
+@shared("model", "images", "interpolation", "crop_pct", "runtime", "collapse")
 def collapse(
     ckpt: o.Checkpoint = None,
     data: Annotated[
@@ -21,23 +21,13 @@ def collapse(
     val: Annotated[
         str | None, typer.Option("--val", help="Validation split: ECE, MCE, NLL, accuracy.")
     ] = None,
-    per_class: Annotated[
-        int | None, typer.Option("--per-class", help="Use at most N training images per class.")
-    ] = None,
     mixup_geometry: Annotated[
         bool, typer.Option("--mixup-geometry", help="Also measure mixup geometry on --data.")
     ] = False,
-    pairs: Annotated[int, typer.Option("--pairs", help="Image pairs of each kind.")] = 64,
-    train_mode: Annotated[
-        bool, typer.Option("--train-mode", help="Mixup geometry in train mode (as the paper).")
-    ] = False,
-    budget: Annotated[
-        int, typer.Option("--nc4-budget", help="Images kept for NC4 (exact up to this many).")
-    ] = 10000,
     plots: Annotated[
         Path | None, typer.Option("--plots", help="Folder for reliability/mixup PNGs.")
     ] = None,
-    c: Shared = None,
+    opts: Shared = None,
 ) -> None:
     """Neural collapse (NC1-NC4), classifier ETF geometry, mixup geometry and calibration."""
     from vitdiag.plots import plot_mixup_geometry, plot_reliability
@@ -47,31 +37,29 @@ def collapse(
 
     if mixup_geometry and data is None:
         raise VitdiagError("--mixup-geometry needs training images: add --data TRAIN_DIR.")
-    check_ranges(pairs=pairs, nc4_budget=budget, per_class=per_class, native_size=c.native_size)
-    c.validate()
+    check_ranges(native_size=opts.native_size)
+    opts.validate()
     check_outputs(
-        [Output("--json", c.json_out), Output("--plots", plots, folder=True)], [ckpt, data, val]
+        [Output("--json", opts.json_out), Output("--plots", plots, folder=True)],
+        [ckpt, data, val],
     )
-    loaded, _ = c.load(ckpt)
+    loaded, _ = opts.load(ckpt)
     require(loaded, ["classifier"])  # every probe here reads the classifier head
     train_probes = ["collapse", "mixup_geometry"] if mixup_geometry else ["collapse"]
     wanted, sources = ["classifier"], {}
     for path, names in ((data, train_probes), (val, ["calibration"])):
         if path is not None:
-            source = c.open(path)
+            source = opts.open(path)
             if not source.labelled:
                 raise VitdiagError(f"{path} has no labels; {names[0]} needs class sub-folders.")
             sources[names[0]] = source
             wanted += names
-    settings = c.settings(
-        per_class=per_class, nc4_budget=budget, pairs=pairs, train_mode=train_mode
-    )
     results = run_all(
         loaded,
         sources.get("collapse"),
         probes=wanted,
         val_source=sources.get("calibration"),
-        settings=settings,
+        settings=opts.settings(),
     )
     # This command's own order and names: the classifier, the training split, then --val.
     results.sort(key=lambda r: wanted.index(r.probe))
@@ -84,4 +72,4 @@ def collapse(
                 plot_reliability(r, plots / "reliability.png")
             elif r.probe == "mixup_geometry":
                 plot_mixup_geometry(r, plots / "mixup_geometry.png")
-    emit("collapse", results, loaded=loaded, data=data_desc or None, json_path=c.json_out)
+    emit("collapse", results, loaded=loaded, data=data_desc or None, json_path=opts.json_out)

@@ -62,7 +62,7 @@ def fix_posembed(
     reduction: Reduction = "per-token",
     fmt: Format = "safetensors",
     force: Force = False,
-    c: Shared = None,
+    opts: Shared = None,
 ) -> None:
     """Resample the position table to --size, multiply its grid rows by c, and write a folder
     plain timm loads: timm.create_model("local-dir:OUT", pretrained=True). With --resize-only
@@ -76,12 +76,12 @@ def fix_posembed(
 
     if size is None:
         raise VitdiagError("give the new image size, e.g. --size 384.")
-    check_ranges(size=size, native_size=c.native_size)
+    check_ranges(size=size, native_size=opts.native_size)
     if out is None:
         raise VitdiagError("give the folder to write with --out DIR.")
-    c.validate()
+    opts.validate()
     check_outputs(
-        [Output("--json", c.json_out), Output("--out", out, folder=True, replace="new")],
+        [Output("--json", opts.json_out), Output("--out", out, folder=True, replace="new")],
         [ckpt, data],
         force=force,
     )
@@ -94,10 +94,10 @@ def fix_posembed(
         )
     if ckpt is not None:  # refuse before the (possibly slow) load
         check_output_path(out, Path(ckpt), force)
-    loaded, _ = c.load(ckpt)
+    loaded, _ = opts.load(ckpt)
     if not resize_only:
         require_rescalable(loaded.model)
-    source, notes, inputs = c.study_inputs(loaded)
+    source, notes, inputs = opts.study_inputs(loaded)
     outcome = fix_posembed(
         loaded,
         size,
@@ -112,4 +112,4 @@ def fix_posembed(
     )
     outcome.result.notes.extend(notes)
     data_desc = dict(source.describe()) if source is not None else None
-    emit("fix-posembed", [outcome.result], loaded=loaded, data=data_desc, json_path=c.json_out)
+    emit("fix-posembed", [outcome.result], loaded=loaded, data=data_desc, json_path=opts.json_out)

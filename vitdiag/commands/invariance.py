@@ -19,32 +19,6 @@ Checkpoints = Annotated[
         show_default=False,
     ),
 ]
-Aug = Annotated[
-    str,
-    typer.Option(
-        "--aug",
-        help="Comma-separated augmentations: mixup, cutmix, erasing-pixel, erasing-const, "
-        "erasing-rand, cutout, randaugment, autoaugment, trivialaugment, colorjitter, rrc "
-        "(or all).",
-    ),
-]
-Views = Annotated[int, typer.Option("--views", help="Augmented views per image (at least 2).")]
-Embedding = Annotated[
-    str,
-    typer.Option(
-        "--embedding",
-        help="f(x): prelogits (classifier input), cls (final-norm class token) or gap "
-        "(mean of final-norm grid tokens).",
-    ),
-]
-Alpha = Annotated[
-    str | None,
-    typer.Option(
-        "--alpha",
-        help="Beta(α, α) of mixup/cutmix: one number for both, or mixup=0.8,cutmix=1.0 "
-        "(the defaults).",
-    ),
-]
 Plot = Annotated[
     Path | None,
     typer.Option("--plot", help="Write a PNG of Ldiv against Linv (one point per augmentation)."),
@@ -60,16 +34,12 @@ def _labels(ckpts: list[str | None], arch: str | None) -> list[str]:
     return names
 
 
-@shared("model", "size", "images", "interpolation", "crop_pct", "runtime")
+@shared("model", "size", "images", "interpolation", "crop_pct", "runtime", "invariance")
 def invariance(
     ckpts: Checkpoints = None,
     data: o.Data = None,
-    aug: Aug = "all",
-    views: Views = 4,
-    embedding: Embedding = "prelogits",
-    alpha: Alpha = None,
     plot: Plot = None,
-    c: Shared = None,
+    opts: Shared = None,
 ) -> None:
     """Invariance (Linv) and diversity (Ldiv) of augmented views, definition vitdiag-v1."""
     import dataclasses
@@ -81,17 +51,17 @@ def invariance(
     from vitdiag.validation import Output, check_invariance_options, check_outputs, check_ranges
 
     # Validate everything cheap before loading a single model.
-    check_invariance_options(aug, views, embedding, alpha)
+    check_invariance_options(opts.aug, opts.views, opts.embedding, opts.alpha)
     targets: list[str | None] = list(ckpts) if ckpts else [None]
-    labels = _labels(targets, c.arch)
-    c.validate()
-    check_ranges(size=c.size, native_size=c.native_size)
-    check_outputs([Output("--json", c.json_out), Output("--plot", plot)], [*targets, data])
-    source = c.open()
+    labels = _labels(targets, opts.arch)
+    opts.validate()
+    check_ranges(size=opts.size, native_size=opts.native_size)
+    check_outputs([Output("--json", opts.json_out), Output("--plot", plot)], [*targets, data])
+    source = opts.open()
     # Invariance never reads labels, so any data will do, whatever its classes.
-    settings = c.settings(aug=aug, views=views, embedding=embedding, alpha=alpha, label_check=False)
+    settings = opts.settings(label_check=False)
     results, runs, first_loaded = [], [], None
-    for loaded, label in zip(c.each(targets, c.size), labels, strict=True):
+    for loaded, label in zip(opts.each(targets, opts.size), labels, strict=True):
         each = dataclasses.replace(settings, label=f"invariance {label}")
         found = run_all(loaded, source, probes={"invariance"}, settings=each)
         found[0].extra["checkpoint"] = label
@@ -113,7 +83,7 @@ def invariance(
         results,
         loaded=first_loaded,
         data=runs[0].data["data"],
-        json_path=c.json_out,
+        json_path=opts.json_out,
         run={"seconds": sum(r.seconds for r in runs), "world_size": runs[0].world_size},
         shown=stacked(results, labels) if len(results) > 1 else results,
         then=then,

@@ -8,13 +8,19 @@ The study (finding, ordering, one model with its weights swapped, the probes) is
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from vitdiag import options as o
 from vitdiag.commands.common import Shared, shared
 from vitdiag.errors import VitdiagError
+
+if TYPE_CHECKING:
+    from vitdiag.data import ImageSource
+    from vitdiag.settings import Settings
+    from vitdiag.studies.trend import ModelOptions, TrendRun
+    from vitdiag.validation import Output
 
 Checkpoints = Annotated[
     list[str] | None,
@@ -28,7 +34,7 @@ Checkpoints = Annotated[
 ]
 
 
-@shared("model", "images", "interpolation", "crop_pct", "runtime")
+@shared("model", "images", "interpolation", "crop_pct", "runtime", "probes")
 def trend(
     ckpts: Checkpoints = None,
     data: o.TrainData = None,
@@ -62,90 +68,133 @@ def trend(
     force: o.Force = False,
     plots: o.Plots = True,
     probes: o.Probes = "all",
-    per_class: o.PerClass = None,
-    layers: o.Layers = None,
-    erank_every: o.ErankEvery = 16,
-    aug: o.Aug = "all",
-    views: o.Views = 4,
-    embedding: o.Embedding = "prelogits",
-    pairs: o.Pairs = 64,
-    budget: o.Nc4Budget = 10000,
-    c: Shared = None,
+    opts: Shared = None,
 ) -> None:
     """Run the probes on every checkpoint of a run (or read a Tracker's log) and plot them
     against epoch."""
-    from vitdiag import __version__
-    from vitdiag.engine import init_distributed, is_main_process
-    from vitdiag.report import console, prepare_out, write_trend
-    from vitdiag.results import dumps, json_to_stdout, write_json_text
-    from vitdiag.runner import open_source
-    from vitdiag.studies import trend as study
-    from vitdiag.validation import Output, check_outputs, parse_model_args
+    from vitdiag.distributed import is_main_process
+    from vitdiag.validation import Output
 
     named = _runs(ckpts, run)
-    out = out if out is not None or c.json_out is not None else Path("vitdiag-trend")
-    outputs = [Output("--out", out, folder=True, replace="empty"), Output("--json", c.json_out)]
+    out = out if out is not None or opts.json_out is not None else Path("vitdiag-trend")
+    outputs = [Output("--out", out, folder=True, replace="empty"), Output("--json", opts.json_out)]
     if from_log:
-        # Several log folders as arguments are several runs, named by their folders.
-        logs = [
-            (n or (Path(i).name if len(items) > 1 else ""), i) for n, items in named for i in items
-        ]
-        runs = [study.read_log(Path(where), name) for name, where in logs]
-        check_outputs(outputs, [str(study.log_file(Path(w))) for _, w in logs], force=force)
+        runs = _from_logs(named, outputs, force=force)
     else:
-        wanted, size_list, settings = c.probe_run(
-            "trend",
-            probes=probes,
-            sizes=sizes,
-            data=data,
-            val=val,
-            per_class=per_class,
-            layers=layers,
-            erank_every=erank_every,
-            aug=aug,
-            views=views,
-            embedding=embedding,
-            pairs=pairs,
-            budget=budget,
+        wanted, size_list, settings = opts.probe_run(
+            "trend", probes=probes, sizes=sizes, data=data, val=val
         )
-        found = [(name, study.find_checkpoints(items, name)) for name, items in named]
-        inputs = [str(p) for _, paths in found for p in paths]
-        check_outputs(outputs, [*inputs, data, val], force=force)
-        if out is not None:
-            prepare_out(out, force)
-        model = study.ModelOptions(
-            c.arch, c.ema, c.unsafe_pickle, parse_model_args(c.model_arg), c.native_size
-        )
-        init_distributed()
-        source, val_source = open_source(data, settings), open_source(val, settings)
-        runs = [
-            study.trend_run(
-                name,
-                paths,
-                source,
-                val_source=val_source,
-                probes=wanted,
-                sizes=size_list,
-                settings=settings,
-                model=model,
-            )
-            for name, paths in found
-        ]
+        found = _checkpoints(named, outputs, [data, val], out=out, force=force)
+        model = _model_options(opts)
+        sources = _open(data, val, settings)
+        runs = _from_checkpoints(model, found, sources, wanted, size_list, settings)
+    if is_main_process():
+        _write(runs, out, plots=plots, force=force, json_out=opts.json_out)
 
-    if not is_main_process():
-        return
+
+def _from_logs(
+    named: list[tuple[str, list[str]]], outputs: list[Output], *, force: bool
+) -> list[TrendRun]:
+    """Each run read from its Tracker log; several log folders as arguments are several runs,
+    named by their folders."""
+    from vitdiag.studies import trend as study
+    from vitdiag.validation import check_outputs
+
+    logs = [(n or (Path(i).name if len(items) > 1 else ""), i) for n, items in named for i in items]
+    runs = [study.read_log(Path(where), name) for name, where in logs]
+    check_outputs(outputs, [str(study.log_file(Path(w))) for _, w in logs], force=force)
+    return runs
+
+
+def _checkpoints(
+    named: list[tuple[str, list[str]]],
+    outputs: list[Output],
+    data_paths: list[str | None],
+    *,
+    out: Path | None,
+    force: bool,
+) -> list[tuple[str, list[Path]]]:
+    """Each run's checkpoint files, the outputs checked against them and the data, and the
+    --out folder prepared."""
+    from vitdiag.report import prepare_out
+    from vitdiag.studies import trend as study
+    from vitdiag.validation import check_outputs
+
+    found = [(name, study.find_checkpoints(items, name)) for name, items in named]
+    inputs = [str(p) for _, paths in found for p in paths]
+    check_outputs(outputs, [*inputs, *data_paths], force=force)
+    if out is not None:
+        prepare_out(out, force)
+    return found
+
+
+def _open(
+    data: str | None, val: str | None, settings: Settings
+) -> tuple[ImageSource | None, ImageSource | None]:
+    from vitdiag.distributed import init_distributed
+    from vitdiag.runner import open_source
+
+    init_distributed()
+    return open_source(data, settings), open_source(val, settings)
+
+
+def _model_options(opts: Shared) -> ModelOptions:
+    from vitdiag.studies import trend as study
+    from vitdiag.validation import parse_model_args
+
+    return study.ModelOptions(
+        opts.arch, opts.ema, opts.unsafe_pickle, parse_model_args(opts.model_arg), opts.native_size
+    )
+
+
+def _from_checkpoints(
+    model: ModelOptions,
+    found: list[tuple[str, list[Path]]],
+    sources: tuple[ImageSource | None, ImageSource | None],
+    wanted: set[str] | None,
+    sizes: list[int] | None,
+    settings: Settings,
+) -> list[TrendRun]:
+    """The probes on every checkpoint of each run, the model options as given."""
+    from vitdiag.studies import trend as study
+
+    source, val_source = sources
+    return [
+        study.trend_run(
+            name,
+            paths,
+            source,
+            val_source=val_source,
+            probes=wanted,
+            sizes=sizes,
+            settings=settings,
+            model=model,
+        )
+        for name, paths in found
+    ]
+
+
+def _write(
+    runs: list[TrendRun], out: Path | None, *, plots: bool, force: bool, json_out: Path | None
+) -> None:
+    """trend.json, trend.md and the PNGs (with --out), a line per run, and --json."""
+    from vitdiag import __version__
+    from vitdiag.report import console, write_trend
+    from vitdiag.results import dumps, json_to_stdout, write_json_text
+    from vitdiag.studies import trend as study
+
     text = dumps(study.trend_document(runs))
     if out is not None:
         write_trend(out, runs, text, version=__version__, plots=plots, force=force)
-    con = console(stderr=json_to_stdout(c.json_out))
+    con = console(stderr=json_to_stdout(json_out))
     for r in runs:
         con.print(f"{r.name or 'run'}: {len(r.rows)} point(s), ordered by {r.order_by}")
         for note in r.notes:
             con.print(f"note: {note}")
     if out is not None:
         con.print(f"trend written to {out / 'trend.md'}")
-    if c.json_out is not None:
-        write_json_text(text, c.json_out)
+    if json_out is not None:
+        write_json_text(text, json_out)
 
 
 def _runs(ckpts: list[str] | None, run: list[str] | None) -> list[tuple[str, list[str]]]:

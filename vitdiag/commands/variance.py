@@ -37,7 +37,7 @@ def variance(
     data: o.Data = None,
     interpolation: TableInterpolation = None,
     reduction: Reduction = "per-token",
-    c: Shared = None,
+    opts: Shared = None,
 ) -> None:
     """Var[patch embedding] / Var[position table] at each size, the rescale that restores it,
     and (with labelled --data) accuracy under each rescale. Without --data: the table part."""
@@ -53,11 +53,11 @@ def variance(
     interps = parse_interpolations(interpolation)
     if reduction not in REDUCTIONS:
         raise VitdiagError(f"--reduction {reduction!r} is not one of {', '.join(REDUCTIONS)}.")
-    c.validate()
-    check_ranges(native_size=c.native_size)
-    check_outputs([Output("--json", c.json_out)], [ckpt, data])
-    loaded, _ = c.load(ckpt)
-    source, notes, inputs = c.study_inputs(loaded)
+    opts.validate()
+    check_ranges(native_size=opts.native_size)
+    check_outputs([Output("--json", opts.json_out)], [ckpt, data])
+    loaded, _ = opts.load(ckpt)
+    source, notes, inputs = opts.study_inputs(loaded)
     study = variance_study(loaded, size_list, interpolations=interps, reduction=reduction, **inputs)
     result = study.result()
     result.notes += notes + data_notes(study, source)
@@ -71,6 +71,6 @@ def variance(
         [result],
         loaded=study.native_loaded,
         data=data_desc,
-        json_path=c.json_out,
+        json_path=opts.json_out,
         run={"seconds": study.seconds},
     )
