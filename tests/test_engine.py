@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from tolerances import FORWARD_RTOL
 
 from vitdiag.engine import resolve_amp, resolve_device, run_probes
 from vitdiag.errors import VitdiagError
@@ -266,7 +267,10 @@ def test_variance_probe_reads_the_patch_embedding_of_the_shared_forward():
     assert len(calls) == 3
     with torch.inference_mode():
         x = patch_tokens(model, images).double()
-    assert result.metrics["var_x_global"] == pytest.approx(float(x.var(unbiased=False)), rel=1e-12)
+    # Batches of 4, 4, 2 against one of 10: the float32 patch embedding may block its sums
+    # differently per shape, so the budget of tests/tolerances.py, not bit-identity.
+    want = float(x.var(unbiased=False))
+    assert result.metrics["var_x_global"] == pytest.approx(want, rel=FORWARD_RTOL)
     assert variances_from_sums(probe.x_sums)["per_token"] == pytest.approx(
-        float(x.var(dim=-1, unbiased=False).mean()), rel=1e-12
+        float(x.var(dim=-1, unbiased=False).mean()), rel=FORWARD_RTOL
     )

@@ -7,6 +7,7 @@ These read the source with `ast`; they import nothing from vitdiag but the famil
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vitdiag"
@@ -151,3 +152,119 @@ def test_no_module_is_over_the_line_budget():
     sizes = {n: len(p.read_text().splitlines()) for n, p in _modules().items()}
     big = {n: s for n, s in sizes.items() if s > MAX_LINES}
     assert not big, big
+
+
+# -- layers: the import direction the README states ------------------------------------------
+
+README = PACKAGE.parent / "README.md"
+MAX_FUNCTION_LINES = 80
+LAYERS_START, LAYERS_END = "<!-- layers -->", "<!-- /layers -->"
+
+
+def _readme_layers() -> list[list[str]]:
+    """The README's layer table, lowest first: each line `N name  module, module, ...`, module
+    names relative to the package; a name ending in `.*` stands for a whole package."""
+    text = README.read_text()
+    block = text[text.index(LAYERS_START) : text.index(LAYERS_END)]
+    layers = []
+    for line in block.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) == 3 and parts[0].isdigit():
+            layers.append([m.strip() for m in parts[2].split(",") if m.strip()])
+    return layers
+
+
+def _layer_of(module: str, layers: list[list[str]]) -> int | None:
+    rel = module.removeprefix("vitdiag").removeprefix(".")
+    for i, names in enumerate(layers):
+        for name in names:
+            if rel == name or name.endswith(".*") and (rel + ".").startswith(name[:-1]):
+                return i
+    return None
+
+
+def _upward_imports(graph: dict[str, set[str]], layers: list[list[str]]) -> list[str]:
+    bad = []
+    for module, targets in graph.items():
+        here = _layer_of(module, layers)
+        for t in sorted(targets):
+            there = _layer_of(t, layers)
+            if here is not None and there is not None and there > here:
+                bad.append(f"{module} (layer {here}) imports {t} (layer {there})")
+    return bad
+
+
+def test_every_module_has_a_layer_in_the_readme():
+    layers = _readme_layers()
+    assert len(layers) >= 8
+    homeless = [m for m in _modules() if m != "vitdiag" and _layer_of(m, layers) is None]
+    assert not homeless, f"add these to the README's layer table: {homeless}"
+
+
+def test_imports_run_down_the_readme_layers():
+    bad = _upward_imports(_graph(), _readme_layers())
+    assert not bad, "\n".join(bad)
+
+
+def test_the_layer_check_sees_a_planted_upward_import():
+    layers = [["errors"], ["probes.*"], ["runner"], ["studies.*"]]
+    graph = {"vitdiag.runner": {"vitdiag.studies.variance", "vitdiag.errors"}}
+    graph["vitdiag.probes.base"] = {"vitdiag.errors"}
+    assert _upward_imports(graph, layers) == [
+        "vitdiag.runner (layer 2) imports vitdiag.studies.variance (layer 3)"
+    ]
+
+
+# -- functions, private names ----------------------------------------------------------------
+
+
+def _long_functions(path: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.lineno + 1
+            if length > limit:
+                out.append(f"{path.name}:{node.lineno} {node.name} has {length} lines")
+    return out
+
+
+def _private_imports(path: Path) -> list[str]:
+    """`from vitdiag.x import _name`: a helper another module needs is part of x's interface."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.level or "vitdiag" in (node.module or "")):
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    out.append(f"{path.name}:{node.lineno} imports {alias.name}")
+    return out
+
+
+def test_no_function_is_over_80_lines():
+    long = [f for p in _modules().values() for f in _long_functions(p)]
+    assert not long, "\n".join(long)
+
+
+def test_no_module_imports_another_modules_private_name():
+    hits = [h for p in _modules().values() for h in _private_imports(p)]
+    assert not hits, "\n".join(hits)
+
+
+def test_the_function_and_private_checks_see_planted_faults(tmp_path):
+    planted = tmp_path / "planted.py"
+    body = "\n".join(f"    x{i} = {i}" for i in range(80))
+    planted.write_text(f"from vitdiag.data.sources import _decode\n\ndef f():\n{body}\n")
+    assert _long_functions(planted) == ["planted.py:3 f has 81 lines"]
+    assert _private_imports(planted) == ["planted.py:1 imports _decode"]
+
+
+# -- the second pass of the house (issue 19) ---------------------------------------------------
+
+
+def test_the_runner_is_typed():
+    source = (PACKAGE / "runner.py").read_text()
+    assert len(re.findall(r"\bAny\b", source)) <= 5
+
+
+def test_a_probe_option_is_written_in_at_most_three_modules():
+    files = [n for n, p in _modules().items() if re.search(r"erank.every", p.read_text())]
+    assert 1 <= len(files) <= 3, files

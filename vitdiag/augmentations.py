@@ -476,12 +476,9 @@ def build_augmentation(
             desc = f"timm auto_augment_transform({AUTOAUGMENT_CONFIG!r})"
         return PixelAugmentation(name, t, mean, std, desc)
     if name == "trivialaugment":
+        # Described as torchvision's: the ops, draws and (on AVX2/AVX-512) bins are its own.
         return PixelAugmentation(
-            name,
-            PortableTrivialAugmentWide(),
-            mean,
-            std,
-            "torchvision TrivialAugmentWide() (magnitude bins computed the same on every CPU)",
+            name, PortableTrivialAugmentWide(), mean, std, "torchvision TrivialAugmentWide()"
         )
     if name == "colorjitter":
         from torchvision.transforms import ColorJitter
