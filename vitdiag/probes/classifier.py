@@ -13,15 +13,25 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from vitdiag.errors import VitdiagError
+from vitdiag.intervals import reference_record
 from vitdiag.probes.base import NO_DATA, Probe
 from vitdiag.results import Result, Table
 
 CLASSIFIER_DEFINITION = "classifier-geometry-v1"
 STD_DDOF = 1
+
+# The random-head reference (SPEC §8): GAUSSIAN_DRAWS heads of iid N(0, 1) entries, fewer when
+# C·C·D exceeds GAUSSIAN_BUDGET (the cost of one draw's Gram and ETF distance grows as C²D),
+# never fewer than GAUSSIAN_MIN_DRAWS; 2,000 draws at C = 10, D = 64 take ~0.15 s.
+GAUSSIAN_DRAWS = 2000
+GAUSSIAN_BUDGET = 4e6
+GAUSSIAN_MIN_DRAWS = 100
+_GAUSSIAN_STREAM = 0x6A055  # names the draws' random stream, apart from other uses of the seed
 
 
 # -- classifier heads ------------------------------------------------------------------------
@@ -183,9 +193,10 @@ class ClassifierProbe(Probe):
         "<head>.w_bias_std",
     )
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, seed: int = 0) -> None:
         super().__init__()
         self.model = model
+        self.seed = int(seed)
 
     @classmethod
     def applies(cls, loaded: Any) -> str | None:
@@ -193,13 +204,48 @@ class ClassifierProbe(Probe):
 
     @classmethod
     def build(cls, loaded: Any, settings: Any, transform: Any) -> ClassifierProbe:
-        return cls(loaded.model)
+        return cls(loaded.model, seed=settings.seed)
 
     def compute(self) -> Result:
-        return classifier_result(self.model)
+        return classifier_result(self.model, seed=self.seed)
 
 
-def classifier_result(model: nn.Module) -> Result:
+def gaussian_draws(c: int, d: int) -> int:
+    """R: how many random heads of shape C × D the reference draws."""
+    if c * c * d <= GAUSSIAN_BUDGET:
+        return GAUSSIAN_DRAWS
+    return max(GAUSSIAN_MIN_DRAWS, math.floor(GAUSSIAN_DRAWS * GAUSSIAN_BUDGET / (c * c * d)))
+
+
+def gaussian_etf_distances(c: int, d: int, seed: int = 0) -> torch.Tensor:
+    """(R,) float64: `etf_distance` of WWᵀ for R seeded heads W (C × D) of iid N(0, 1) entries.
+
+    numpy draws its normals one after another, so drawing in chunks (which bounds the memory
+    at ~32 MB) gives the heads one draw at a time would."""
+    r = gaussian_draws(c, d)
+    rng = np.random.default_rng([seed, _GAUSSIAN_STREAM])
+    chunk = max(1, 2**22 // (c * d))
+    out = torch.empty(r, dtype=torch.float64)
+    for start in range(0, r, chunk):
+        w = torch.from_numpy(rng.standard_normal((min(chunk, r - start), c, d)))
+        for j, gram in enumerate(w @ w.mT):
+            out[start + j] = etf_distance(gram)
+    return out
+
+
+def gaussian_heads_reference(c: int, d: int, metric: str, seed: int = 0) -> dict:
+    """The reference for a head's ETF distance: random Gaussian heads of the same shape."""
+    values = gaussian_etf_distances(c, d, seed).numpy()
+    lo, q05, q95, hi = np.percentile(values, [2.5, 5.0, 95.0, 97.5])
+    how = (
+        f"etf_distance of WWᵀ for {len(values)} seeded draws of a {c} × {d} head W with iid "
+        "N(0, 1) entries: mean, and 2.5–97.5 % (q05, q95: 5 and 95 %) of the draws"
+    )
+    record = reference_record(metric, float(values.mean()), [lo, hi], how)
+    return record | {"q05": float(q05), "q95": float(q95)}
+
+
+def classifier_result(model: nn.Module, seed: int = 0) -> Result:
     """The classifier-only statistics (no data): CoV of ‖w_c‖, cosines, ETF distance of WWᵀ."""
     metrics: dict[str, float] = {}
     tables = []
@@ -227,4 +273,20 @@ def classifier_result(model: nn.Module) -> Result:
                 "does not exist, so the ETF distance cannot reach 0."
             )
     extra = {"heads": [{"name": h.name, "num_classes": h.num_classes, "dim": h.dim} for h in heads]}
+    extra["references"] = _gaussian_references(heads, seed)
     return Result("classifier", CLASSIFIER_DEFINITION, metrics, tables, notes, extra)
+
+
+def _gaussian_references(heads: list[Head], seed: int) -> dict[str, dict]:
+    """`gaussian_heads` on each head's w_etf (heads of one shape share the draws)."""
+    out: dict[str, dict] = {}
+    drawn: dict[tuple[int, int], dict] = {}
+    for k, head in enumerate(heads):
+        if head.num_classes < 2:
+            continue  # no ETF distance to compare
+        prefix = "" if k == 0 else f"{head.name}."
+        shape = (head.num_classes, head.dim)
+        if shape not in drawn:
+            drawn[shape] = gaussian_heads_reference(*shape, "w_etf", seed)
+        out[f"{prefix}gaussian_heads"] = drawn[shape] | {"metric": f"{prefix}w_etf"}
+    return out

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vitdiag import intervals
 from vitdiag.errors import VitdiagError
 from vitdiag.probes.base import (
     FEATURES,
@@ -415,6 +416,13 @@ class CollapseProbe(Probe):
                 )
             for name in ("key", "h", "pred"):
                 self.add_cat_state(f"h{k}_res_{name}")
+            # The jackknife's copies, one per group of global index mod G (moments per process).
+            self.add_sum_state(f"h{k}_grp_count", (intervals.GROUPS, c))
+            self.add_sum_state(f"h{k}_grp_total", (intervals.GROUPS, c, d))
+            for name, shape in (("n", ()), ("lin", (d,)), ("scatter", (d, d))):
+                zeros = torch.zeros(1, intervals.GROUPS, *shape, dtype=torch.float64)
+                self.add_cat_state(f"h{k}_grp_{name}").append(zeros)
+        self._seen = 0  # rows seen: the next position, for batches without the engine's
 
     @classmethod
     def for_model(cls, model: nn.Module, **kwargs: Any) -> CollapseProbe:
@@ -460,10 +468,13 @@ class CollapseProbe(Probe):
     def update(self, taps: Taps) -> None:
         if self._first_position is None:
             self._first_position = first_position(taps)
+        index = intervals.row_indices(taps, self._seen)
+        self._seen += int(index.numel())
         mask = taps.labelled
         if not bool(mask.any()):
             return
         y = taps.targets[mask].to("cpu", torch.int64)
+        groups = index[mask.cpu()] % intervals.GROUPS
         c = self.heads[0].num_classes
         if int(y.max()) >= c:
             raise VitdiagError(
@@ -483,6 +494,7 @@ class CollapseProbe(Probe):
             )
             h = h[mask.to(h.device)].detach().to(dev, dtype)
             self._accumulate(k, h, y.to(dev), counts)
+            self._accumulate_groups(k, h, y.to(dev), groups)
             if len(self.heads) == 1 and taps.logits is not None:
                 pred = taps.logits[mask.to(taps.logits.device)].argmax(dim=1)
             else:  # each head's own decision; the model's output averages the heads
@@ -516,9 +528,9 @@ class CollapseProbe(Probe):
         names = [f"h{k}_count", f"h{k}_total"]
         pieces = [f"h{k}_mom_{n}" for n in ("n", "shift", "lin", "scatter")]
         if not self._started[k]:
-            for name in names:
+            for name in (*names, f"h{k}_grp_count", f"h{k}_grp_total"):
                 self.set_state(name, getattr(self, name).to(acc))
-            for name in pieces:
+            for name in (*pieces, *(f"h{k}_grp_{n}" for n in ("n", "lin", "scatter"))):
                 getattr(self, name)[0] = getattr(self, name)[0].to(acc)
             getattr(self, pieces[1])[0].copy_(h.mean(0, keepdim=True))
             self._started[k] = True
@@ -531,6 +543,29 @@ class CollapseProbe(Probe):
         n.add_(h.shape[0])
         lin.add_(x.sum(dim=0).to(acc, torch.float64))
         scatter.add_((x.T @ x).to(acc, torch.float64))
+
+    def _accumulate_groups(self, k: int, h: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> None:
+        """Head k's per-group sums (g: each row's group), about `_accumulate`'s shift: one shift
+        for all groups of a process, so that they add with no cross terms (exact sums)."""
+        shift = getattr(self, f"h{k}_mom_shift")[0]  # (1, D), where the sums live
+        x = h - shift[0].to(h.device, h.dtype)
+        count, total, n, lin, scatter = intervals.group_sums(x, y, g, self.heads[k].num_classes)
+        count = count.to(shift)
+        getattr(self, f"h{k}_grp_count").add_(count)
+        getattr(self, f"h{k}_grp_total").add_(total.to(shift) + count[..., None] * shift)
+        for name, value in (("n", n), ("lin", lin), ("scatter", scatter)):
+            getattr(self, f"h{k}_grp_{name}")[0][0].add_(value.to(shift))
+
+    def nc1_leave_one_out(self, k: int = 0) -> list[float]:
+        """NC1 of head k without each group in turn (the jackknife's θ_(g)), from the sums of
+        the other groups, pooled over processes."""
+        grp = {n: getattr(self, f"h{k}_grp_{n}") for n in ("count", "total", "n", "lin", "scatter")}
+        shift, out = torch.cat(getattr(self, f"h{k}_mom_shift")), []
+        for g in range(intervals.GROUPS):
+            count, total, n, lin, scatter = (intervals.without_group(v, g) for v in grp.values())
+            sums = ClassSums.from_moments(count, total, *pool_moments(n, shift, lin, scatter))
+            out.append(nc_stats(sums, self.heads[k].weight, self.heads[k].bias)["nc1"])
+        return out
 
     def _update_reservoir(
         self, k: int, keys: torch.Tensor, h: torch.Tensor, pred: torch.Tensor
@@ -594,12 +629,15 @@ class CollapseProbe(Probe):
         notes: list[str] = []
         tables: list[Table] = []
         heads_extra = []
+        evidence: dict[str, dict] = {}  # the intervals
         many = len(self.heads) > 1
         for k, head in enumerate(self.heads):
             prefix = "" if k == 0 else f"{head.name}."
             sums = self.class_sums(k)
             sample = self.nc4_sample(k)
             m = nc_stats(sums, head.weight, head.bias, sample=sample)
+            jackknife = intervals.jackknife_interval(m["nc1"], self.nc1_leave_one_out(k))
+            evidence[prefix + "nc1"] = intervals.interval_record(*jackknife, intervals.JACKKNIFE)
             weighted = imbalanced(sums.count)
             if weighted:
                 mw = nc_stats(sums, head.weight, head.bias, global_mean="samples")
@@ -634,6 +672,7 @@ class CollapseProbe(Probe):
             "nc4_budget": self.budget,
             "seed": self.seed,
             "nc4_sampling": "bottom-k of uniform random keys (seeded), merged across processes",
+            "intervals": evidence,
         }
         return Result(self.name, DEFINITION, metrics, tables, notes, extra)
 

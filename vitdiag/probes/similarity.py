@@ -14,6 +14,10 @@ within 4e-8 absolute of the float64 definition on real tokens). The effective ra
 eigen-decomposition costs several times that Gram, is exact (float64 Gram) but measured on the
 images whose global index is a multiple of `erank_every` (default 16), a sample that does not
 depend on batch size, workers or process count.
+
+Each layer's mean P(h) carries a Poisson-bootstrap interval (docs/FINDINGS.md): B replicate
+sums Σw·P and Σw with weights keyed by the image's global index, so they stream and add
+across processes like the other sums.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 import torch
 
 from vitdiag.errors import VitdiagError
+from vitdiag.intervals import BOOTSTRAP, REPLICATES, bootstrap_sums, interval_record, ratio_interval
 from vitdiag.probes.base import LAYERS, TRAIN, Probe, Taps, global_indices, stream_positions
 from vitdiag.results import Result, Table
 
@@ -259,10 +264,13 @@ class SimilarityProbe(Probe):
     @classmethod
     def build(cls, loaded: Any, settings: Any, transform: Any) -> SimilarityProbe:
         every = getattr(settings, "erank_every", DEFAULT_ERANK_EVERY)
-        return cls(settings.layers, erank_every=every)
+        return cls(settings.layers, erank_every=every, seed=settings.seed)
 
     def __init__(
-        self, layers: list[str] | None = None, erank_every: int = DEFAULT_ERANK_EVERY
+        self,
+        layers: list[str] | None = None,
+        erank_every: int = DEFAULT_ERANK_EVERY,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if layers is not None and len(layers) == 0:
@@ -273,6 +281,7 @@ class SimilarityProbe(Probe):
             )
         self.requested = None if layers is None else list(layers)
         self.erank_every = erank_every
+        self.seed = int(seed)
         self.layer_names: list[str] | None = None
         self._seen = 0  # images seen: the next position, for batches without the engine's
 
@@ -294,6 +303,8 @@ class SimilarityProbe(Probe):
             # States are created once the layer count is known, all of shape (L,).
             for stat in _STATS:
                 self.add_sum_state(stat, (len(self.layer_names),))
+            # The bootstrap of P(h): per replicate, Σw and Σw·P for every layer.
+            self.add_sum_state("boot_p", (REPLICATES, 1 + len(self.layer_names)))
         b = taps.images.shape[0]
         # The sample follows each image's global index (its source index when the loader gives
         # it); the fallback is the stream's first image, position 0, which only one process has.
@@ -304,7 +315,7 @@ class SimilarityProbe(Probe):
         # One eigen-decomposition per image of the sample and of the fallback (the first image).
         rows = torch.nonzero(sampled | first).squeeze(-1)
         weights = torch.stack([sampled[rows], first[rows]]).to(torch.float64)  # (2, k)
-        out = []
+        out, per_image = [], []
         for name in self.layer_names:
             if name not in taps.layers:
                 raise VitdiagError(f"layer {name} is missing from a batch's taps.")
@@ -318,6 +329,7 @@ class SimilarityProbe(Probe):
             sample_n, first_n = w.sum(dim=1)
             (sample_sum, first_sum), sample_sq = w @ r, w[0] @ r.square()
             one = p.new_ones(())
+            per_image.append(p)
             out.append(
                 torch.stack(
                     [
@@ -336,9 +348,13 @@ class SimilarityProbe(Probe):
                 )
             )
         # One device-to-host copy per batch rather than one per statistic and layer.
-        sums = torch.stack(out).cpu()
+        stacked = torch.stack(out)
+        host = torch.cat([stacked.flatten(), torch.stack(per_image, 1).flatten()]).cpu()
+        sums = host[: stacked.numel()].reshape(stacked.shape)
         for k, stat in enumerate(_STATS):
             getattr(self, stat).add_(sums[:, k])
+        p_host = host[stacked.numel() :].reshape(b, len(self.layer_names))
+        self.boot_p.add_(bootstrap_sums(self.seed, index, p_host))
 
     def compute(self) -> Result:
         if self.layer_names is None:
@@ -356,7 +372,8 @@ class SimilarityProbe(Probe):
             metrics[f"{name}.mean"] = m
             metrics[f"{name}.std"] = s
         has_norm = len(names) > 1 and names[-1] == "norm"
-        metrics["last_block"] = mean[-2] if has_norm else mean[-1]
+        last = len(names) - 2 if has_norm else len(names) - 1
+        metrics["last_block"] = mean[last]
         if has_norm:
             metrics["final_norm"] = mean[-1]
         finite = [m for m in mean if math.isfinite(m)]
@@ -403,8 +420,20 @@ class SimilarityProbe(Probe):
                 "erank_every": self.erank_every,
                 "erank_images": erank_images,
                 "erank_definition": ERANK_DEFINITION,
+                "intervals": self._intervals(last),
             },
         )
+
+    def _intervals(self, last: int) -> dict[str, dict]:
+        """The bootstrap of the mean P(h) over images, per layer, and for last_block."""
+        boot = self.boot_p
+        out = {
+            f"{name}.mean": interval_record(*ratio_interval(boot[:, 1 + i], boot[:, 0]), BOOTSTRAP)
+            for i, name in enumerate(self.layer_names or [])
+        }
+        if self.layer_names:
+            out["last_block"] = dict(out[f"{self.layer_names[last]}.mean"])
+        return out
 
     def _erank(self) -> tuple[list[float], list[float], int]:
         """Mean and std of the effective rank over the sample, per layer, and the sample size;
