@@ -14,6 +14,11 @@ labelled data only) runs the model with the empirical table as the engine's mode
 factor is exactly 1, so no extra forward runs there. Swapping the table, rather than re-entering
 the network after ``patch_embed``, keeps one code path for every family (ViT, EVA, CaiT, PiT…):
 the forward that runs is the model's own, exactly the one ``fix-posembed`` would write.
+
+The gain of a rescale (top-1 with it − top-1 without, same images: FINDINGS.md) is bootstrapped
+replicate-wise: every accuracy pass keeps B replicate sums Σw·correct and Σw with the weights of
+`vitdiag.intervals.poisson_weights`, a pure function of (seed, global image index, replicate),
+so passes A and B weight each image alike and nothing is kept per image.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from vitdiag.errors import VitdiagError
 from vitdiag.families import pos_prefix_rows
+from vitdiag.intervals import BOOTSTRAP, interval_record, percentile_interval, ratio_interval
 from vitdiag.posembed import (
     REDUCTIONS,
     as_hw,
@@ -106,6 +113,9 @@ class SizeReading:
     var_p: dict[str, dict[str, float]]  # interpolation -> {global, per_token}
     var_x: dict[str, float] | None = None
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # rescale -> numbers
+    # rescale -> its bootstrap sums (`VarianceShiftProbe.bootstrap_by_name`); kept apart from
+    # `accuracy`, which the Result writes as it is
+    bootstrap: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -151,6 +161,18 @@ class VarianceStudy:
             "empirical", size=size, native=self.native, r=self.r(size, key), r0=self.r0(key)
         )
 
+    def gain(self, size: Any, name: str) -> tuple[float, float, float, np.ndarray] | None:
+        """top-1 with rescale `name` − top-1 without (`none`) at `size`, on the same images:
+        (point, lo, hi, the B replicate gains); None unless both were measured. Replicate r is
+        Σw_r·correct_name/Σw_r − Σw_r·correct_none/Σw_r, the same weights in both passes."""
+        rd = self.readings[as_hw(size)]
+        if "none" not in rd.bootstrap or name not in rd.bootstrap:
+            return None
+        replicates = _ratio(rd.bootstrap[name]) - _ratio(rd.bootstrap["none"])
+        lo, hi = percentile_interval(replicates)
+        point = rd.accuracy[name]["top1"] - rd.accuracy["none"]["top1"]
+        return point, lo, hi, replicates
+
     # -- the Result -----------------------------------------------------------------------
     def result(self) -> Result:
         metrics: dict[str, float] = {}
@@ -169,6 +191,8 @@ class VarianceStudy:
             "definition_detail": DEFINITION_DETAIL,
             "sizes": self._size_records(),
         }
+        # after every existing metric, so those keep their places
+        extra.update(self._paired_extra(metrics))
         return Result(
             probe="variance",
             definition=DEFINITION,
@@ -278,6 +302,42 @@ class VarianceStudy:
             acc_rows,
         )
 
+    def _paired_extra(self, metrics: dict[str, float]) -> dict[str, Any]:
+        """`gain@SIZE/RESCALE` (into `metrics`) with its paired interval, the `none@SIZE`
+        reference and McNemar's discordant counts, at every size but the native one (where
+        every factor is 1, so every gain is 0 by construction)."""
+        intervals: dict[str, Any] = {}
+        references: dict[str, Any] = {}
+        discordant: dict[str, Any] = {}
+        method = f"{BOOTSTRAP} (paired)"
+        for size, rd in self.readings.items():
+            if size == self.native or "none" not in rd.bootstrap:
+                continue
+            s = size_label(size)
+            for name in self.rescales:
+                found = None if name == "none" else self.gain(size, name)
+                if found is None:
+                    continue
+                key = f"gain@{s}/{name}"
+                metrics[key] = found[0]
+                intervals[key] = interval_record(found[1], found[2], method)
+                counts = rd.bootstrap[name]["discordant"]
+                if counts is not None:
+                    discordant[key] = {
+                        "right_with_rescale_only": counts[0],
+                        "right_without_only": counts[1],
+                    }
+            none = rd.bootstrap["none"]
+            references[f"none@{s}"] = {
+                "metric": f"top1@{s}/none",
+                "value": rd.accuracy["none"]["top1"],
+                "interval": list(ratio_interval(none["correct"], none["weight"])),
+                "how": f"the same model at {s} without the rescale, on the same images",
+            }
+        if not intervals:
+            return {}
+        return {"intervals": intervals, "references": references, "mcnemar": discordant}
+
     def _size_records(self) -> list[dict[str, Any]]:
         return [
             {
@@ -368,6 +428,7 @@ def variance_study(
     # keep the table order the user asked for
     for rd in study.readings.values():
         rd.accuracy = {n: rd.accuracy[n] for n in study.rescales if n in rd.accuracy}
+        rd.bootstrap = {n: rd.bootstrap[n] for n in study.rescales if n in rd.bootstrap}
     return study
 
 
@@ -455,6 +516,7 @@ def _measure_size(
     if probe.accuracy and float(probe.n_labelled) > 0:
         study.labelled = True
         reading.accuracy.update(probe.accuracy_by_name())
+        reading.bootstrap.update(probe.bootstrap_by_name())
     if size == native:
         if not study.r0(_KEY[study.reduction]) > 0:
             raise VitdiagError(
@@ -478,3 +540,12 @@ def _empirical_pass(
     with swapped_table(at.model, table):
         passes.run(at, size, probe, "empirical")
     study.readings[size].accuracy.update(probe.accuracy_by_name())
+    study.readings[size].bootstrap.update(probe.bootstrap_by_name())
+
+
+def _ratio(sums: dict[str, Any]) -> np.ndarray:
+    """Replicate-wise Σw·correct / Σw (NaN where a replicate drew no labelled image)."""
+    num = np.asarray(sums["correct"], dtype=np.float64)
+    den = np.asarray(sums["weight"], dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)

@@ -8,7 +8,11 @@ For a test size s and the native size s0:
 - P_s = the grid rows of the native table resampled to the grid of s by timm's
   ``resample_abs_pos_embed`` (see ``vitdiag.posembed``);
 - r(s) = Var[X_s] / Var[P_s], shift = r/r0, k̂ = r0/r, and c = 1/√k̂ restores r0;
-- with labels, top-1 and NLL under each rescale of the table.
+- with labels, top-1 and NLL under each rescale of the table, and for the paired gain of a
+  rescale over none (FINDINGS.md) B Poisson-bootstrap replicate sums Σw·correct and Σw: the
+  weights are a pure function of (seed, global image index, replicate), so two passes over the
+  same images weight them alike and the gain's interval is replicate-wise, with nothing kept
+  per image.
 
 The streaming part lives here: a probe that sums X's variance at one size and measures
 accuracy under each table rescale of one pass. The study over sizes, which arranges the
@@ -26,6 +30,7 @@ import torch
 
 from vitdiag.errors import VitdiagError
 from vitdiag.families import NCHW, family_of
+from vitdiag.intervals import REPLICATES, poisson_weights
 from vitdiag.posembed import (
     as_hw,
     require_abs_pos,
@@ -33,7 +38,7 @@ from vitdiag.posembed import (
     swapped_table,
     target_table,
 )
-from vitdiag.probes.base import EVAL, LOGITS, PATCH, Probe, Taps
+from vitdiag.probes.base import EVAL, LOGITS, PATCH, Probe, Taps, global_indices
 from vitdiag.results import Result
 
 DEFINITION = "variance-shift-v1"
@@ -139,6 +144,7 @@ class VarianceShiftProbe(Probe):
         "top1@<size>/<rescale>",
         "nll@<size>/<rescale>",
         "c@<size>/<rescale>",
+        "gain@<size>/<rescale>",
     )
 
     @classmethod
@@ -185,10 +191,22 @@ class VarianceShiftProbe(Probe):
         self.add_sum_state("n_labelled")
         # per group: [correct, Σ NLL]
         self.add_sum_state("acc_sums", (max(1, len(self.groups)), 2))
+        # The bootstrap of top-1 (FINDINGS.md): per group Σ_i w[i, r]·correct_i, and Σ_i w[i, r]
+        # over the labelled images, r = 1..B. Integer-valued float64 sums, so exact in any order.
+        self.add_sum_state("boot_correct", (max(1, len(self.groups)), REPLICATES))
+        self.add_sum_state("boot_weight", (REPLICATES,))
+        # McNemar's discordant counts of each group against group 0 (the engine's own forward,
+        # c = 1 in pass A): [right only with the group, right only with group 0]. Streaming
+        # because both forwards see the same batch; a rescale measured in another pass (pass B,
+        # the empirical one) has no partner here.
+        self.add_sum_state("discordant", (max(1, len(self.groups)), 2))
+        self._seen = 0  # images handed so far, for global indices outside the engine
 
     def update(self, taps: Taps) -> None:
         ctx = taps.context
         model = ctx.model
+        index = global_indices(taps, self._seen)
+        self._seen += int(taps.images.shape[0])
         if self.measure_x:
             with torch.inference_mode(), ctx.autocast():
                 if taps.patch is not None:  # captured from the forward by the engine
@@ -203,13 +221,23 @@ class VarianceShiftProbe(Probe):
             return
         y = taps.targets[mask]
         self.n_labelled += float(y.numel())
+        # The engine's seed is the run's (settings.seed): every pass of a run draws alike.
+        w = poisson_weights(int(getattr(ctx, "seed", 0)), index[mask.cpu()])
+        self.boot_weight += w.sum(dim=0)
+        first = None
         for i, group in enumerate(self.groups):
             if group.table is None:
                 logits = taps.logits
             else:
                 with swapped_table(model, group.table):
                     logits = ctx.forward(taps.images)[2]
-            self.acc_sums[i] += _accuracy_sums(logits[mask], y)
+            sums, correct = _accuracy_sums(logits[mask], y)
+            self.acc_sums[i] += sums
+            self.boot_correct[i] += correct.double() @ w
+            first = correct if first is None else first
+            self.discordant[i] += torch.stack(
+                [(correct & ~first).sum(), (~correct & first).sum()]
+            ).double()
 
     def compute(self) -> Result:
         # The study assembles one Result from several passes; this one is for direct use.
@@ -234,8 +262,25 @@ class VarianceShiftProbe(Probe):
                 }
         return out
 
+    def bootstrap_by_name(self) -> dict[str, dict[str, Any]]:
+        """rescale -> its B replicate sums Σw·correct ("correct"), Σw ("weight"), and its
+        discordant counts against no rescale ("discordant", None where group 0 is not the
+        unrescaled forward, as in the empirical pass)."""
+        paired = bool(self.groups) and self.groups[0].c == 1.0
+        out = {}
+        for i, group in enumerate(self.groups):
+            for name in group.names:
+                out[name] = {
+                    "correct": self.boot_correct[i].clone(),
+                    "weight": self.boot_weight.clone(),
+                    "discordant": tuple(int(v) for v in self.discordant[i]) if paired else None,
+                }
+        return out
 
-def _accuracy_sums(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+
+def _accuracy_sums(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([correct, Σ NLL] as float64 on the CPU, the (n,) bool per-image correctness on the
+    CPU): the bootstrap's correctness is the very argmax that top-1 counts."""
     logits = logits.double()
     if int(y.max()) >= logits.shape[1]:
         raise VitdiagError(
@@ -243,9 +288,10 @@ def _accuracy_sums(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             "outputs; point --data at a dataset with the model's classes."
         )
     logp = torch.log_softmax(logits, dim=1)
-    correct = (logp.argmax(dim=1) == y).sum().double()
+    right = logp.argmax(dim=1) == y
+    correct = right.sum().double()
     nll = -logp.gather(1, y[:, None]).sum()
-    return torch.stack([correct, nll]).cpu()
+    return torch.stack([correct, nll]).cpu(), right.cpu()
 
 
 # ---------------------------------------------------------------------------------------------
