@@ -86,8 +86,9 @@ def test_training_and_validation_probes_use_their_own_split(report_dir):
     assert where["classifier"] is None
     evals = [r for r in doc["results"] if r["probe"] == "eval"]
     assert all(r["metrics"]["n_images"] == 6 for r in evals)
-    # one pass per dataset; the extra size is the only other pass (plus its empirical table)
-    passes = ["data", "val", "variance@48", "variance@48 empirical"]
+    # one pass per dataset; the extra size is the only other pass (plus its empirical table),
+    # and the random-init reference of similarity and collapse one more, on its own model
+    passes = ["data", "val", "variance@48", "variance@48 empirical", "random-init reference"]
     assert doc["checkpoints"][0]["passes"] == passes
 
 
@@ -160,7 +161,8 @@ def test_run_all_feeds_every_probe_from_one_forward_per_batch(tiny_ckpt, image_f
     probes = {"eval", "calibration", "collapse", "similarity", "variance", "classifier"}
     results = run_all(loaded, source, probes=probes, batch_size=5, device="cpu")
     assert calls == [5, 5, 2]  # 12 images, each through the model exactly once
-    assert results.passes == ["data"]
+    # The reference pass runs another model (the architecture at random init), not this one.
+    assert results.passes == ["data", "random-init reference"]
     assert [r.probe for r in results] == [
         "classifier",
         "eval",

@@ -138,7 +138,12 @@ def _where(source: str, line: int | None) -> str:
 
 
 def parse_threshold(text: str, *, source: str = "check", line: int | None = None) -> Threshold:
-    """One threshold string; a VitdiagError naming `source` and `line` when it is not one."""
+    """One threshold string; a VitdiagError naming `source` and `line` when it is not one.
+    A check on findings (`findings.max_severity < fail`) is a `FindingCheck`."""
+    if isinstance(text, str) and text.strip().startswith("findings."):
+        from vitdiag.findings.gate import parse_finding_check
+
+        return parse_finding_check(text, _where(source, line), line)  # type: ignore[return-value]
     if not isinstance(text, str):
         raise VitdiagError(
             f'{_where(source, line)}: every check must be a string like "eval.top1 >= 0.85", '
@@ -214,6 +219,7 @@ class CheckConfig:
     train: str | None = None
     sizes: list[int | tuple[int, int]] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    practical: dict[str, float] = field(default_factory=dict)  # [findings.practical]
 
     def __getattr__(self, name: str) -> Any:
         from vitdiag.settings import cli_default, config_keys
@@ -223,8 +229,17 @@ class CheckConfig:
         raise AttributeError(name)
 
     @property
-    def probes(self) -> set[str]:
-        return {t.probe for t in self.checks}
+    def probes(self) -> set[str] | None:
+        """The probes the checks read; None when a check on every finding needs them all."""
+        wanted: set[str] = set()
+        for t in self.checks:
+            if t.probe != "findings":
+                wanted.add(t.probe)
+            elif (more := t.probes()) is None:
+                return None
+            else:
+                wanted |= more
+        return wanted
 
     @property
     def all_sizes(self) -> list[int | tuple[int, int]]:
@@ -234,13 +249,19 @@ class CheckConfig:
 
 
 # the config's own keys (data and sizes for the run, checks), around the run settings' keys
-_OWN_TYPES: dict[str, tuple[type, ...]] = {"data": (str,), "train": (str,), "sizes": (list,)}
+_OWN_TYPES: dict[str, tuple[type, ...]] = {
+    "data": (str,),
+    "train": (str,),
+    "sizes": (list,),
+    "findings": (dict,),
+}
 _KIND = {
     int: "an integer",
     str: "a string",
     list: "a list",
     float: "a number",
     bool: "true or false",
+    dict: "a table",
 }
 
 
@@ -357,7 +378,27 @@ def load_config(path: Path | str) -> CheckConfig:
         train=_resolve_data(values["train"], base) if "train" in values else None,
         sizes=_sizes(path, values.get("sizes", [])),
         options={k: v for k, v in values.items() if k not in (*_OWN_TYPES, "checks")},
+        practical=_practical(path, values.get("findings", {})),
     )
+
+
+def _practical(path: Path, table: dict) -> dict[str, float]:
+    """[findings.practical]: the practical sizes that let a finding be `fail`, by name."""
+    from vitdiag.findings.constants import PRACTICAL
+
+    unknown = sorted(set(table) - {"practical"})
+    if unknown:
+        raise VitdiagError(f"{path}: [findings] takes only a practical table, not {unknown}.")
+    out = {}
+    for name, value in (table.get("practical") or {}).items():
+        if name not in PRACTICAL:
+            raise VitdiagError(
+                f"{path}: [findings.practical] has no {name!r}; names: {', '.join(PRACTICAL)}."
+            )
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise VitdiagError(f"{path}: findings.practical.{name} must be a number >= 0.")
+        out[name] = float(value)
+    return out
 
 
 def _thresholds(path: Path, raw: str, checks: Any, section: str) -> list[Threshold]:
@@ -398,22 +439,33 @@ class Outcome:
     threshold: Threshold
     measured: float | None
     passed: bool
+    shown: str | None = None  # the measured value in words (a check on findings)
 
     @property
     def message(self) -> str:
         t = self.threshold
+        if self.shown is not None:
+            verdict = "ok" if self.passed else "FAILED"
+            return f"{t.metric} = {self.shown}, expected {t.expected()}: {verdict}"
         if self.measured is None or not math.isfinite(self.measured):
             return f"{t.metric} was not measured (NaN), expected {t.expected()}"
         verdict = "ok" if self.passed else "FAILED"
         return f"{t.metric} = {self.measured:.6g}, expected {t.expected()}: {verdict}"
 
 
-def judge(thresholds: Sequence[Threshold], results: Iterable[Any]) -> list[Outcome]:
+def judge(
+    thresholds: Sequence[Threshold], results: Iterable[Any], findings: list[dict] | None = None
+) -> list[Outcome]:
     """Compare each threshold with the measured value; a name the run did not produce is a
-    config error (the valid names of that probe, as measured, are listed)."""
+    config error (the valid names of that probe, as measured, are listed). Checks on findings
+    are judged against `findings` (the run's, as `findings_of` gives them)."""
     by_probe = {r.probe: r.metrics for r in results}
     outcomes = []
     for t in thresholds:
+        if t.probe == "findings":
+            measured, passed, shown = t.judge(findings or [])  # type: ignore[attr-defined]
+            outcomes.append(Outcome(t, measured, passed, shown))
+            continue
         metrics = by_probe.get(t.probe)
         if metrics is None:
             raise VitdiagError(f"{t.metric}: the {t.probe} probe produced no result.")
@@ -440,7 +492,8 @@ def render_outcomes(
         table.add_column(col)
     for o in outcomes:
         result = "[green]pass[/green]" if o.passed else "[bold red]FAIL[/bold red]"
-        table.add_row(o.threshold.metric, fmt(o.measured), o.threshold.expected(), result)
+        measured = o.shown if o.shown is not None else fmt(o.measured)
+        table.add_row(o.threshold.metric, measured, o.threshold.expected(), result)
     console.print(table)
     failed = sum(not o.passed for o in outcomes)
     if failed:
@@ -472,7 +525,7 @@ def junit_xml(
         t = o.threshold
         case = ET.SubElement(ts, "testcase", classname=f"vitdiag.{t.probe}", name=t.text, time="0")
         if not o.passed:
-            measured = "NaN" if o.measured is None else repr(o.measured)
+            measured = o.shown or ("NaN" if o.measured is None else repr(o.measured))
             failure = ET.SubElement(
                 case, "failure", type="threshold", message=o.message, measured=measured
             )
@@ -492,22 +545,35 @@ def run_settings(cfg: CheckConfig, given: Mapping[str, Any]) -> Settings:
 
     values = {**cfg.options, **{k: v for k, v in given.items() if v is not None}}
     try:
-        return build_settings(values, invariance="invariance" in cfg.probes)
+        return build_settings(values, invariance=cfg.probes is None or "invariance" in cfg.probes)
     except VitdiagError as e:  # the command line's values were checked before: the config's
         raise VitdiagError(f"{cfg.path}: {e}") from None
 
 
-def check_document(outcomes: Sequence[Outcome], results: Any, model: dict) -> dict:
-    """The --json document: every result, then each check with what it measured."""
+def findings_of(results: Any, model: dict, practical: dict[str, float] | None = None) -> dict:
+    """The `findings` block of the run's results document (what `vitdiag report` would say)."""
+    from vitdiag.findings import evaluate, findings_block
+    from vitdiag.results import document, jsonable
+
+    doc = jsonable(document("check", list(results), model, results.data or None))
+    return findings_block(evaluate(doc, practical))
+
+
+def check_document(
+    outcomes: Sequence[Outcome], results: Any, model: dict, findings: dict | None = None
+) -> dict:
+    """The --json document: every result, the findings, then each check with what it measured."""
     from vitdiag.results import document, jsonable
 
     doc = document("check", list(results), model, results.data or None)
+    if findings is not None:
+        doc["findings"] = findings
     doc["checks"] = [
         {
             "check": x.threshold.text,
             "metric": x.threshold.metric,
             "expected": x.threshold.expected(),
-            "measured": x.measured,
+            "measured": x.shown if x.shown is not None else x.measured,
             "passed": x.passed,
         }
         for x in outcomes

@@ -119,10 +119,12 @@ COMMANDS = [
     ("variance", "variance", "variance"),
     ("augment", "augment", "augment"),
     ("fix-posembed", "fix_posembed", "fix_posembed"),
+    ("calibrate", "calibrate", "calibrate"),
     ("similarity", "similarity", "similarity"),
     ("invariance", "invariance", "invariance"),
     ("collapse", "collapse", "collapse"),
     ("report", "report", "report"),
+    ("findings", "findings", "findings"),
     ("check", "check", "check"),
     ("trend", "trend", "trend"),
 ]

@@ -142,6 +142,17 @@ def at_size(loaded: LoadedModel, size: int | tuple[int, int]) -> LoadedModel:
     return dataclasses.replace(loaded, model=model, img_size=hw, data_config=data_config)
 
 
+def random_init_like(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
+    """The same architecture, build arguments and size with timm's random initialisation
+    (torch seeded with `seed`, the caller's RNG state left as it was): the reference a trained
+    network's P(h) and NC1 are compared with (docs/FINDINGS.md)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, _ = build(loaded.arch, dict(loaded.build_kwargs), loaded.img_size, overlay={})
+    provenance = {**loaded.provenance, "format": "random", "seed": seed, "sha256": None}
+    return dataclasses.replace(loaded, model=model, state_dict=None, provenance=provenance)
+
+
 def valid_sizes_near(loaded: LoadedModel, size: int) -> list[int]:
     """Square sizes the model can be built at nearest to `size`: `[size]` if it is valid,
     otherwise the nearest valid size below (if any) and above."""

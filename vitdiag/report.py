@@ -9,6 +9,7 @@ of the comparison table are what each probe declares (`title`, `headlines`).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -67,9 +68,13 @@ def render(results: list[Result], console, *, loaded=None, data: dict | None = N
             console.print(f"note: {note}")
 
 
-def print_summary(con: Any, entries: list[Entry], data: dict) -> None:
+def print_summary(
+    con: Any, entries: list[Entry], data: dict, findings: list[dict] | None = None
+) -> None:
     from rich.table import Table as RichTable
 
+    if findings is not None:
+        print_findings(con, findings)
     for role, d in data.items():
         synthetic = "  [yellow]SYNTHETIC DATA[/yellow]" if d.get("synthetic") else ""
         con.print(f"[bold]{role}[/bold] {d.get('source')}  images={d.get('n_images')}{synthetic}")
@@ -232,7 +237,74 @@ def report_document(entries: list[Entry], data: dict, seconds: float, world: int
         cols, rows = comparison(entries)
         doc["comparison"] = {"columns": cols, "rows": rows}
     doc["run"] = {"seconds": seconds, "world_size": world}
-    return jsonable(doc)
+    return with_findings(jsonable(doc))
+
+
+def with_findings(doc: dict) -> dict:
+    """The document with its `findings` block: the rules applied to the document itself, so a
+    saved report judged again (`vitdiag findings`) gives the same findings."""
+    from vitdiag.findings import evaluate, findings_block
+
+    doc["findings"] = findings_block(evaluate(doc))
+    return doc
+
+
+# -- findings, for people ---------------------------------------------------------------------
+
+
+def _against(item: dict) -> str:
+    ref = item.get("reference") or {}
+    value = fmt(ref.get("value")) if ref.get("value") is not None else "–"
+    interval = ref.get("interval")
+    return value + (f" [{fmt(interval[0])}, {fmt(interval[1])}]" if interval else "")
+
+
+def _measured(item: dict) -> str:
+    value = fmt(item["value"]) if item.get("value") is not None else "–"
+    interval = item.get("interval")
+    return value + (f" [{fmt(interval[0])}, {fmt(interval[1])}]" if interval else "")
+
+
+def print_findings(con: Any, items: list[dict]) -> None:
+    """The findings for people, most severe first: rule, value against reference, what to do."""
+    from rich.markup import escape
+
+    if not items:
+        con.print("Findings: no rule fired.")
+        return
+    colour = {"fail": "bold red", "warn": "yellow", "info": "cyan"}
+    con.print(f"[bold]Findings[/bold] ({len(items)}; 95 % intervals over images)")
+    for item in items:
+        sev = item["severity"]
+        where = f" ({escape(item['checkpoint'])})" if item.get("checkpoint") else ""
+        con.print(f"[{colour[sev]}]{sev.upper()}[/{colour[sev]}] {item['rule']}{where}")
+        method = f" ({item['interval_method']})" if item.get("interval_method") else ""
+        con.print(f"  measured {_measured(item)}{method} against {_against(item)}")
+        con.print(f"  {escape(item['message'])}")
+        if item.get("remedy"):
+            con.print(f"  → {escape(item['remedy'])}")
+
+
+def findings_markdown(items: list[dict]) -> list[str]:
+    """report.md's opening section: one row per finding, then how each reference was made."""
+    lines = ["## Findings", ""]
+    if not items:
+        return lines + ["No rule fired.", ""]
+    rows = []
+    for item in items:
+        rule = item["rule"] + (f" ({item['checkpoint']})" if item.get("checkpoint") else "")
+        remedy = f"`{item['remedy']}`" if item.get("remedy") else "–"
+        method = item.get("interval_method") or "–"
+        rows.append(
+            [item["severity"], f"`{rule}`", _measured(item), method, _against(item),
+             item["message"], remedy]
+        )  # fmt: skip
+    cols = ["severity", "rule", "measured [95 %]", "interval", "reference", "finding", "remedy"]
+    lines += md_table(cols, rows)
+    hows = sorted({(item["rule"], (item.get("reference") or {}).get("how")) for item in items})
+    lines += ["", "References:", ""]
+    lines += [f"- `{rule}`: {md_cell(how)}" for rule, how in hows if how]
+    return lines + [""]
 
 
 def write_report(
@@ -245,12 +317,15 @@ def write_report(
     plots: bool = True,
     force: bool = False,
 ) -> None:
-    """The report folder: report.json (`text`), report.md and, with `plots`, the PNGs."""
+    """The report folder: report.json (`text`), report.md (opening with the document's
+    findings) and, with `plots`, the PNGs."""
     from vitdiag.plots import write_plots
+
+    findings = json.loads(text).get("findings", {}).get("items")
 
     def fill(folder: Path) -> None:
         figures, problems = write_plots(folder, entries) if plots else ({}, [])
-        md = render_markdown(entries, data, figures, version)
+        md = render_markdown(entries, data, figures, version, findings)
         if problems:
             md += "\n" + "\n".join(f"- figure not written: {md_cell(p)}" for p in problems) + "\n"
         (folder / "report.json").write_text(text, encoding="utf-8")
@@ -402,14 +477,19 @@ def _data_line(role: str, d: dict) -> str:
     return f"- {name}: `{d.get('path') or d.get('source')}` ({', '.join(what)})"
 
 
-def render_markdown(entries: list[Entry], data: dict, plots: dict, version: str) -> str:
-    """report.md: data, comparison (several checkpoints), then one section per checkpoint.
+def render_markdown(
+    entries: list[Entry], data: dict, plots: dict, version: str, findings: list[dict] | None = None
+) -> str:
+    """report.md: data, findings, comparison (several checkpoints), then one section per
+    checkpoint.
 
     plots: {("shared" | label, probe): file name} of the figures written beside the file.
     """
     lines = ["# vitdiag report", "", f"vitdiag {version}"]
     if data:
         lines += ["", "Data:", ""] + [_data_line(role, d) for role, d in data.items()]
+    if findings is not None:
+        lines += [""] + findings_markdown(findings)
     several = len(entries) > 1
     cols, rows = comparison(entries)
     if rows:

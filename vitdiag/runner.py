@@ -242,6 +242,8 @@ def _run_all(
         if not names:
             continue
         found.update(_one_pass(loaded, run, data, role, names, sizes, out))
+    if run.source is not None:
+        _add_random_init_references(loaded, run, found, out)
     out.seconds = time.perf_counter() - start
     out.extend(found[p] for p in probe_names() if p in found)
     return out
@@ -407,6 +409,44 @@ def _one_pass(
                 "measured on --data: give --val for calibration on held-out images."
             )
     return found
+
+
+# probe -> the metric its random-init reference is read for (docs/FINDINGS.md)
+REFERENCE_METRICS = {"similarity": "last_block", "collapse": "nc1"}
+
+
+def _add_random_init_references(
+    loaded: LoadedModel, run: Runtime, found: dict[str, Result], out: Results
+) -> None:
+    """One more pass: the same architecture at random initialisation, on a seeded sample of
+    `reference_images` images of the training data, through the probes that have such a
+    reference; what it measures goes into the trained results' `references.random_init`."""
+    from vitdiag.model import random_init_like
+
+    s = run.settings
+    names = [n for n in REFERENCE_METRICS if n in found and found[n].extra.get("dataset")]
+    if not names or s.reference_images <= 0:
+        return
+    reference = random_init_like(loaded, seed=s.seed)
+    k = min(s.reference_images, s.limit or s.reference_images)
+    # A seeded sample (not the source's class-sorted order), so every class is in it.
+    ref_settings = dataclasses.replace(s, limit=k, per_class=None, label="random-init reference")
+    transform = transform_at(loaded.data_config, ref_settings, loaded.img_size)
+    probes = [build_probe(n, reference, transform, ref_settings) for n in names]
+    done = run_pass(reference, run.source, probes, ref_settings, transform=transform)
+    out.passes.append("random-init reference")
+    n_images = done.data.get("n_images")
+    for name, result in zip(names, done.summary.results, strict=True):
+        metric = REFERENCE_METRICS[name]
+        entry = (result.extra.get("intervals") or {}).get(metric) or {}
+        found[name].extra.setdefault("references", {})["random_init"] = {
+            "metric": metric,
+            "value": result.metrics.get(metric),
+            "interval": [entry["lo"], entry["hi"]] if entry else None,
+            "how": f"the same architecture ({loaded.arch}) at timm's random initialisation "
+            f"(seed {s.seed}) on {n_images} images of the same data (a seeded sample), "
+            "through the same probe; unpaired with the trained model's images",
+        }
 
 
 def _at_native(loaded: LoadedModel) -> bool:

@@ -276,6 +276,17 @@ class Settings:
         valid=lambda v: v >= 1,
         want="at least 1 (1 measures every image), e.g. 16",
     )
+    reference_images: int = option(
+        256,
+        flag="--reference-images",
+        type=int,
+        panel=PROBES,
+        groups=("probes",),
+        help="Findings: how many images the same architecture at random initialisation is "
+        "measured on, as the reference for P(h) and NC1 (0: no reference).",
+        valid=lambda v: v >= 0,
+        want="0 (no reference) or more, e.g. 256",
+    )
     aug: str | Sequence[str] = option(
         "all",
         flag="--aug",

@@ -49,8 +49,9 @@ def check(
     opts: Shared = None,
 ) -> None:
     """Check a checkpoint against thresholds such as "collapse.nc1 < 0.5" (exit 1 on failure)."""
-    from vitdiag.check import find_config, judge, load_config, run_settings
+    from vitdiag.check import find_config, findings_of, judge, load_config, run_settings
     from vitdiag.errors import CheckFailed
+    from vitdiag.model import describe
     from vitdiag.runner import run_all
 
     cfg = load_config(config if config is not None else find_config())
@@ -61,7 +62,7 @@ def check(
     check_outputs(
         [Output("--json", opts.json_out), Output("--junit", junit)], [ckpt, cfg.path, data, train]
     )
-    needs_data = cfg.probes - {"classifier"}
+    needs_data = {"every probe"} if cfg.probes is None else cfg.probes - {"classifier"}
     if needs_data and data is None and train is None:
         raise VitdiagError(
             f"{cfg.path}: the checks on {', '.join(sorted(needs_data))} need images; add "
@@ -78,8 +79,11 @@ def check(
         sizes=cfg.all_sizes,
         settings=settings,
     )
-    outcomes = judge(cfg.checks, results)
-    _emit(outcomes, results, loaded, opts, ckpt=ckpt, junit=junit, config=cfg.path)
+    findings = findings_of(results, describe(loaded), cfg.practical)
+    outcomes = judge(cfg.checks, results, findings["items"])
+    _emit(
+        outcomes, results, loaded, opts, ckpt=ckpt, junit=junit, config=cfg.path, findings=findings
+    )
     failed = [x for x in outcomes if not x.passed]
     if failed:
         raise CheckFailed(f"{len(failed)} of {len(outcomes)} checks failed")
@@ -94,6 +98,7 @@ def _emit(
     ckpt: str | None,
     junit: Path | None,
     config: Path,
+    findings: dict,
 ) -> None:
     """The pass/fail table, and the JUnit XML and --json document when asked (main process)."""
     from vitdiag.check import check_document, check_junit, render_outcomes
@@ -111,4 +116,5 @@ def _emit(
     if junit is not None:
         write_atomic(junit, check_junit(outcomes, label, results.seconds, model, config))
     if opts.json_out is not None:
-        write_json_text(dumps(check_document(outcomes, results, model)), opts.json_out)
+        doc = check_document(outcomes, results, model, findings)
+        write_json_text(dumps(doc), opts.json_out)

@@ -107,10 +107,11 @@ def _write(
 
     data_desc = next((dict(e.results.data) for e in entries if e.results.data), {})
     seconds = sum(e.results.seconds for e in entries)
-    text = dumps(report_document(entries, data_desc, seconds, entries[-1].results.world_size))
+    doc = report_document(entries, data_desc, seconds, entries[-1].results.world_size)
+    text = dumps(doc)
     write_report(out, entries, data_desc, text, version=__version__, plots=plots, force=force)
     con = console(stderr=json_to_stdout(json_out))
-    print_summary(con, entries, data_desc)
+    print_summary(con, entries, data_desc, doc["findings"]["items"])
     con.print(f"report written to {out / 'report.md'}")
     if json_out is not None:
         write_json_text(text, json_out)
