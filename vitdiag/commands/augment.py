@@ -31,6 +31,14 @@ Remode = Annotated[
     str | None,
     typer.Option("--remode", help="Random-erasing mode: const, rand or pixel."),
 ]
+Suggest = Annotated[
+    bool,
+    typer.Option(
+        "--suggest",
+        help="Print the train.py argument changes that remove each flag, each audited again "
+        "with its measured effect on the variance ratio.",
+    ),
+]
 AuditSize = Annotated[
     int | None,
     typer.Option("--size", help="Image size without --ckpt (default 224; with it: the model's)."),
@@ -50,6 +58,7 @@ def augment(
     reprob: Reprob = None,
     remode: Remode = None,
     size: AuditSize = None,
+    suggest: Suggest = False,
     opts: Shared = None,
 ) -> None:
     """Variance of Mixup / CutMix / random-erasing batches against clean ones, the data's
@@ -80,4 +89,41 @@ def augment(
         loaded, opts.open(), cfg, settings, size=size, recipe=recipe, beside=beside
     )
     run = {"seconds": done.summary.seconds}
-    emit("augment", [result], loaded=loaded, data=done.data, json_path=opts.json_out, run=run)
+    then = None
+    if suggest:
+        from vitdiag.studies.augment import measured_suggestions
+
+        rows = measured_suggestions(loaded, opts.open(), cfg, settings, result, size=size)
+        result.extra["suggestions"] = rows
+
+        def then(con) -> None:
+            _print_suggestions(con, rows)
+
+    emit(
+        "augment",
+        [result],
+        loaded=loaded,
+        data=done.data,
+        json_path=opts.json_out,
+        run=run,
+        then=then,
+    )
+
+
+def _print_suggestions(con, rows: list[dict]) -> None:
+    from rich.table import Table
+
+    from vitdiag.report import fmt
+
+    if not rows:
+        con.print("suggestions: none (no guideline flag was raised).")
+        return
+    table = Table(title="Suggested train.py changes (measured)", title_justify="left")
+    for col in ("flag", "change", "variance ratio", "before", "after", "flag after"):
+        table.add_column(col)
+    for r in rows:
+        after = "cleared" if r["flag_after"] == 0.0 else "still raised"
+        table.add_row(
+            r["flag"], r["change"], r["ratio"] or "–", fmt(r["before"]), fmt(r["after"]), after
+        )
+    con.print(table)

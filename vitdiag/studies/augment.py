@@ -89,3 +89,62 @@ def audit(
     }
     result.notes.extend(done.notes)
     return result, done
+
+
+def suggested_configs(cfg: Any, result: Any) -> list[tuple[str, str, Any, str, str]]:
+    """(flag, the train.py change, the configuration with it, the augmentation whose variance
+    ratio shows the flag, the one that replaces it) for each guideline flag the audit raised
+    (arXiv 2405.14115)."""
+    import dataclasses
+
+    metrics = result.metrics
+    norm = result.extra.get("normalisation") or {}
+    out = []
+    if metrics.get("flag/mixup") == 1.0:
+        fixed = dataclasses.replace(cfg, mixup=0.0, cutmix=cfg.cutmix or 1.0)
+        change = f"--mixup 0 --cutmix {fixed.cutmix:g}"
+        out.append(("mixup", change, fixed, "mixup", "cutmix"))
+    data_mean = [metrics.get(f"data_mean/{c}") for c in range(3)]
+    data_std = [metrics.get(f"data_std/{c}") for c in range(3)]
+    own = None
+    if norm.get("mean") and None not in data_mean + data_std:
+        # The data's own raw statistics, from its statistics after the normalisation used.
+        own_mean = [m * s + n for m, s, n in zip(data_mean, norm["std"], norm["mean"], strict=True)]
+        own_std = [d * s for d, s in zip(data_std, norm["std"], strict=True)]
+        own = (tuple(round(v, 4) for v in own_mean), tuple(round(v, 4) for v in own_std))
+    for flag in ("erasing-mode", "pixel-normalisation"):
+        if metrics.get(f"flag/{flag}") != 1.0:
+            continue
+        fixed = dataclasses.replace(cfg, remode="pixel")
+        change = "--remode pixel"
+        if own is not None:
+            fixed = dataclasses.replace(fixed, mean=own[0], std=own[1])
+            change += f" --mean {' '.join(map(str, own[0]))} --std {' '.join(map(str, own[1]))}"
+        out.append((flag, change, fixed, f"erasing-{cfg.remode}", "erasing-pixel"))
+    return out
+
+
+def measured_suggestions(
+    loaded: Any, source: Any, cfg: Any, settings: Any, result: Any, *, size: int | None
+) -> list[dict[str, Any]]:
+    """Each suggested train.py change, audited again: the variance ratio of the augmentation it
+    concerns before and after (1 is variance kept), measured on the same images."""
+    import dataclasses
+
+    rows = []
+    for flag, change, fixed, was, becomes in suggested_configs(cfg, result):
+        run_settings = dataclasses.replace(settings, mean=fixed.mean, std=fixed.std)
+        after, _ = audit(loaded, source, fixed, run_settings, size=size, recipe=None, beside=None)
+        # X (the patch embedding) when a checkpoint was given, else the image itself.
+        kind = "x_global" if f"ratio_x_global/{was}" in result.metrics else "image_global"
+        rows.append(
+            {
+                "flag": flag,
+                "change": change,
+                "ratio": f"{kind}: {was} -> {becomes}",
+                "before": result.metrics.get(f"ratio_{kind}/{was}"),
+                "after": after.metrics.get(f"ratio_{kind}/{becomes}"),
+                "flag_after": after.metrics.get(f"flag/{flag}"),
+            }
+        )
+    return rows
