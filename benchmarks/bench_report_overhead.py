@@ -26,6 +26,15 @@ with other jobs it is far less noisy, and with --threads 1 it is what the wall t
 on an idle core.
 
 Default images: 512 on a GPU, 64 on the CPU.
+
+--findings measures what the diagnosis costs instead (issue 20's budget: at most 1.10x): the
+whole `run_all` of `vitdiag report` on the fixtures (vit_nomix, --data fixtures/data/train
+--val fixtures/data/val, --sizes 48) with findings, intervals and references, against the same
+run without them, alternately:
+- without: `--reference-images 0` (no random-init pass), the Poisson-bootstrap sums replaced
+           by zeros of their shape, no Gaussian-heads draws, no findings rules;
+- with:    everything `vitdiag report` does, then the rules on the results document.
+The jackknife's group sums (collapse) and the variance probe's paired bootstrap are in both.
 """
 
 from __future__ import annotations
@@ -55,7 +64,13 @@ def main() -> None:
         default=None,
         help="similarity: effective rank on images whose index is a multiple of N (default 16)",
     )
+    parser.add_argument(
+        "--findings", action="store_true", help="the cost of findings, intervals, references"
+    )
     args = parser.parse_args()
+    if args.findings:
+        findings_overhead(args)
+        return
     n = args.images or (512 if args.device.startswith("cuda") else 64)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,6 +155,69 @@ def main() -> None:
             alone = statistics.median(r for _, r in pairs)
             spread = f"{min(r / b for b, r in pairs):.3f}-{max(r / b for b, r in pairs):.3f}"
             print(f"  {name:12s} {ratio:6.3f}  (spread {spread}, {n / alone:.1f} images/s)")
+
+
+def findings_overhead(args: argparse.Namespace) -> None:
+    """The fixture report with and without its diagnosis, in alternating pairs."""
+    import contextlib
+    from pathlib import Path
+    from unittest import mock
+
+    import vitdiag.intervals as intervals
+    import vitdiag.probes.classifier as classifier
+    from vitdiag import load
+    from vitdiag.findings import evaluate
+    from vitdiag.model import describe
+    from vitdiag.report import Entry, report_document
+    from vitdiag.runner import Settings, run_all
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    root = Path(__file__).resolve().parents[1] / "fixtures"
+    loaded = load(root / "models" / "vit_nomix")
+    data, val = str(root / "data" / "train"), str(root / "data" / "val")
+
+    def no_bootstrap(seed, indices, values, rows=None):
+        k = 1 if values.ndim == 1 else values.shape[1]
+        return torch.zeros(intervals.REPLICATES, 1 + k, dtype=torch.float64)
+
+    def no_heads(c, d, metric, seed=0):
+        return {"metric": metric, "value": float("nan"), "interval": None, "how": "off"}
+
+    def one(with_findings: bool) -> float:
+        refs = 256 if with_findings else 0
+        settings = Settings(device=args.device, workers=0, quiet=True, reference_images=refs)
+        patches = contextlib.ExitStack()
+        if not with_findings:
+            for module in ("accuracy", "calibration", "similarity"):
+                target = f"vitdiag.probes.{module}.bootstrap_sums"
+                patches.enter_context(mock.patch(target, no_bootstrap))
+            patches.enter_context(
+                mock.patch.object(classifier, "gaussian_heads_reference", no_heads)
+            )
+        with patches:
+            start = clock()
+            run = run_all(loaded, data, val_source=val, sizes=[48], settings=settings)
+            if with_findings:
+                doc = report_document([Entry("vit_nomix", describe(loaded), run)], {}, 0.0, 1)
+                evaluate(doc)
+            return clock() - start
+
+    one(True)  # warm-up
+    pairs = [(one(False), one(True)) for _ in range(args.reps)]
+    print(
+        f"vit_nomix, --data fixtures/data/train (600) --val fixtures/data/val (200) --sizes 48, "
+        f"{args.device} ({torch.get_num_threads()} threads), {args.clock} clock"
+    )
+    print(f"{'rep':>4s} {'without s':>10s} {'with s':>8s} {'ratio':>7s}")
+    for i, (a, b) in enumerate(pairs):
+        print(f"{i:4d} {a:10.2f} {b:8.2f} {b / a:7.3f}")
+    ratios = [b / a for a, b in pairs]
+    print(
+        f"\nmedian ratio report with / without findings: {statistics.median(ratios):.3f} "
+        f"(spread {min(ratios):.3f}-{max(ratios):.3f})"
+    )
 
 
 if __name__ == "__main__":

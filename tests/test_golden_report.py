@@ -41,6 +41,9 @@ VOLATILE = {("run", "seconds"), ("vitdiag_version",)}
 COUNTS = re.compile(
     r"^(n|n_\w+|count|classes|dim|class_counts|pairs_same|pairs_diff|top1|accuracy|nc4\w*)$"
 )
+# Leaf names that are differences of unit-scale terms (probabilities, cosines): they get an
+# absolute floor of the forward budget (tests/tolerances.py).
+DIFFERENCES = re.compile(r"(minus|diff|gain|margin|mean_cos|signed)")
 
 
 def _volatile(path: tuple) -> bool:
@@ -68,6 +71,12 @@ def _close(got: float, want: float, kind: str, scale: float) -> bool:
     return math.isclose(got, want, rel_tol=rtol, abs_tol=rtol * scale)
 
 
+def _leaf_scale(path: tuple, scale: float) -> float:
+    """The absolute scale of a leaf's error: its vector's (lists), or 1 for a difference."""
+    names = [p for p in path if isinstance(p, str)]
+    return max(scale, 1.0) if names and DIFFERENCES.search(names[-1]) else scale
+
+
 def _compare(got, want, path: tuple = (), probe: str | None = None, scale: float = 0.0):
     """Every difference between two report documents, one line each ("path: got != want")."""
     where = "/".join(map(str, path)) or "(root)"
@@ -90,7 +99,8 @@ def _compare(got, want, path: tuple = (), probe: str | None = None, scale: float
         return [m for i, (g, w) in pairs for m in _compare(g, w, (*path, i), probe, inner)]
     if isinstance(want, float) and isinstance(got, (int, float)) and not isinstance(got, bool):
         kind = rule(probe if path[:1] == ("results",) else None, path)
-        return [] if _close(float(got), want, kind, scale) else [f"{where}: {got!r} != {want!r}"]
+        ok = _close(float(got), want, kind, _leaf_scale(path, scale))
+        return [] if ok else [f"{where}: {got!r} != {want!r}"]
     return [] if got == want else [f"{where}: {got!r} != {want!r}"]
 
 
@@ -219,3 +229,10 @@ def test_tolerance_classes():
     assert _compare(got, want) == []
     got["results"][0]["xy"][1] = 1e-5
     assert len(_compare(got, want)) == 1
+
+    # A difference of unit-scale terms near zero carries the terms' error, not its own.
+    def gap(value):
+        return {"results": [{"probe": "eval", "metrics": {"confidence_minus_accuracy": value}}]}
+
+    assert _compare(gap(-0.0168 + 5e-6), gap(-0.0168)) == []
+    assert len(_compare(gap(-0.0168 + 1e-4), gap(-0.0168))) == 1

@@ -24,7 +24,7 @@ from vitdiag.posembed import (
     table_variance,
     target_table,
 )
-from vitdiag.studies.sizes import build_at_size
+from vitdiag.size_sweep import build_at_size
 
 runner = CliRunner()
 

@@ -8,7 +8,7 @@ from conftest import FIXTURES
 import vitdiag
 from vitdiag.data import eval_transform, make_loader, open_dataset
 from vitdiag.runner import run_all
-from vitdiag.studies.variance import variance_study
+from vitdiag.size_sweep import variance_study
 
 
 def test_per_class_subsample_gives_the_same_shift_as_the_study_on_those_images():

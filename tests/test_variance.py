@@ -17,8 +17,7 @@ from vitdiag.probes.variance import (
     variance_sums,
     variances_from_sums,
 )
-from vitdiag.studies.sizes import build_at_size
-from vitdiag.studies.variance import variance_study
+from vitdiag.size_sweep import build_at_size, variance_study
 
 runner = CliRunner()
 

@@ -12,8 +12,7 @@ import torch
 
 from vitdiag.intervals import REPLICATES, poisson_weights
 from vitdiag.model import load
-from vitdiag.studies.sizes import build_at_size
-from vitdiag.studies.variance import variance_study
+from vitdiag.size_sweep import build_at_size, variance_study
 
 N, SEED = 60, 5
 RESCALES = ("none", "sqrt-axis", "sqrt-area", "empirical")

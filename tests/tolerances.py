@@ -26,6 +26,10 @@ document falls in one of three classes (`test_golden_report.rule`):
   NLL and margins (|z| ≲ 10, which the quadrature estimate already over-covers). 64·ε32 is the
   budget; measured spread over 3 kernel sets × 2 thread counts × 3 models is ≤ 4e-7
   (tests/golden/kernel_spread.py), 19× inside it.
+  A difference of unit-scale terms (confidence − accuracy, a paired gain, a margin, a mean
+  cosine) carries the absolute error of its terms, not a relative one: its condition is
+  |terms| / |difference| (≈ 60 for the no-mix model's confidence − accuracy of −0.017), so
+  those leaves get the absolute floor `FORWARD_RTOL × 1`.
   Leaves of a list of coordinates (mixup geometry's 2-D projections, per-λ or per-layer series)
   get an absolute floor `FORWARD_RTOL × max|sibling|`: a coordinate near zero (a classifier
   vector's second axis is ~1e-17 of rounding noise) carries the error of the whole vector.

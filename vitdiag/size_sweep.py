@@ -1,5 +1,5 @@
 """The variance probe across test sizes, below the runner: the study behind `vitdiag variance`
-and the report's variance section (the runner calls it, `vitdiag.studies.variance` re-exports it).
+and the report's variance section (the runner and `vitdiag variance` call it).
 
 The variance-shift study over test sizes (SPEC §1, 2405.14115): r(s) = Var X_s / Var P_s at
 every size, shift = r/r0, k̂ = r0/r, the empirical c = 1/√k̂, and accuracy under each rescale.

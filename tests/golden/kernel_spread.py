@@ -27,6 +27,7 @@ from test_golden_report import (  # noqa: E402
     FORWARD_RTOL,
     MODELS,
     WEIGHTS_RTOL,
+    _leaf_scale,
     _volatile,
     rule,
 )
@@ -55,7 +56,8 @@ def _leaves(got, want, path=(), probe=None, scale=0.0):
             yield kind, math.inf if diff else 0.0, path
         else:
             rtol = WEIGHTS_RTOL if kind == "weights" else FORWARD_RTOL
-            yield kind, diff / (rtol * abs(want) + rtol * scale or math.inf), path
+            floor = rtol * _leaf_scale(path, scale)
+            yield kind, diff / (max(rtol * abs(want), floor) or math.inf), path
 
 
 def _run(model: str, cap: str, threads: int, out: Path) -> Path:

@@ -44,7 +44,8 @@ def variance(
     from vitdiag.errors import VitdiagError
     from vitdiag.posembed import REDUCTIONS, parse_interpolations
     from vitdiag.report import emit
-    from vitdiag.studies.variance import data_notes, variance_study
+    from vitdiag.size_sweep import variance_study
+    from vitdiag.studies.variance import data_notes
     from vitdiag.validation import Output, check_outputs, check_ranges, parse_sizes
 
     if sizes is None:

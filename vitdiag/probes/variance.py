@@ -16,7 +16,7 @@ For a test size s and the native size s0:
 
 The streaming part lives here: a probe that sums X's variance at one size and measures
 accuracy under each table rescale of one pass. The study over sizes, which arranges the
-passes, is `vitdiag.studies.variance`.
+passes, is `vitdiag.size_sweep`.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ class VarianceShiftProbe(Probe):
     def build(cls, loaded: Any, settings: Any, transform: Any) -> VarianceShiftProbe:
         """The native-size probe of the shared pass: X's sums, and accuracy under each fixed
         rescale of the table (the empirical one needs its own pass). Only the native size
-        shares a pass (other sizes are `vitdiag.studies.variance`'s own passes), so `loaded`
+        shares a pass (other sizes are `vitdiag.size_sweep`'s own passes), so `loaded`
         is the native model and its table is the source of every rescaled one."""
         if as_hw(loaded.img_size) != as_hw(loaded.native_size):  # pragma: no cover - runner bug
             raise ValueError("the variance probe shares a pass only at the native size")

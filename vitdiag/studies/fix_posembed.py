@@ -29,7 +29,7 @@ from vitdiag.posembed import (
     table_variance,
     target_table,
 )
-from vitdiag.studies.sizes import build_at_size, native_of
+from vitdiag.size_sweep import build_at_size, native_of, variance_study
 from vitdiag.studies.timm_folder import (
     FORMATS,
     check_output_path,
@@ -39,7 +39,6 @@ from vitdiag.studies.timm_folder import (
     verifier,
     write_checkpoint,
 )
-from vitdiag.studies.variance import variance_study
 
 if TYPE_CHECKING:
     from vitdiag.model import LoadedModel

@@ -1,21 +1,16 @@
-"""The variance-shift study over test sizes (SPEC §1, 2405.14115), as `vitdiag variance` and
-`fix-posembed` use it.
-
-The study itself (`variance_study`, `VarianceStudy`) lives below the runner, in
-`vitdiag.size_sweep`, because `vitdiag report` runs it too and the runner never calls a study;
-it is re-exported here, beside what the command adds.
+"""What `vitdiag variance` adds to the variance-shift study (SPEC §1, 2405.14115): the notes on
+what its data could not measure. The study itself (`variance_study`, `VarianceStudy`) lives
+below the runner, in `vitdiag.size_sweep`, because `vitdiag report` runs it too and the runner
+never calls a study.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vitdiag.size_sweep import SizeReading, VarianceStudy, variance_study
-
 if TYPE_CHECKING:
     from vitdiag.data import ImageSource
-
-__all__ = ["SizeReading", "VarianceStudy", "data_notes", "variance_study"]
+    from vitdiag.size_sweep import VarianceStudy
 
 
 def data_notes(study: VarianceStudy, source: ImageSource | None) -> list[str]:
