@@ -328,3 +328,56 @@ def test_a_random_init_network_is_its_own_reference(tmp_path):
     sim = next(r for r in doc["results"] if r["probe"] == "similarity")
     ref = sim["extra"]["references"]["random_init"]
     assert ref["value"] == pytest.approx(sim["metrics"]["last_block"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_every_printed_remedy_command_runs_as_printed(tmp_path, monkeypatch):
+    """The CutMix fixture on two splits: under-confident (remedy: vitdiag calibrate, with the
+    18 training errors it needs) and over-smoothed (remedy: the vitdiag.train losses)."""
+    data, val = FIXTURES / "data" / "train", FIXTURES / "data" / "val"
+    args = ["report", str(FIXTURES / "models" / "vit_cutmix"), "--data", str(data)]
+    args += ["--val", str(val), "--out", str(tmp_path / "r"), "--no-plots", "-q"]
+    result = CliRunner().invoke(app, [*args, "--probes", "eval,calibration,similarity"])
+    assert result.exit_code == 0, result.output
+    items = json.loads((tmp_path / "r" / "report.json").read_text())["findings"]["items"]
+    fired = {f["rule"]: f for f in items}
+    assert {"calibration.under_confident", "similarity.over_smoothed"} <= set(fired)
+    assert fired["similarity.over_smoothed"]["remedy"].startswith("vitdiag.train.")
+    commands = [f["remedy"] for f in items if (f["remedy"] or "").startswith("vitdiag ")]
+    assert commands, items
+    monkeypatch.chdir(tmp_path)  # remedies write beside the user, never into the fixtures
+    for line in commands:
+        words = shlex.split(line)
+        ran = CliRunner().invoke(app, words[1:])
+        assert ran.exit_code == 0, (line, ran.output)
+    assert (tmp_path / "vit_cutmix-calibrated" / "calibration.json").is_file()
+
+
+@pytest.mark.slow
+def test_check_gates_on_findings(tmp_path):
+    config = tmp_path / "vitdiag.toml"
+    config.write_text(
+        f'data = "{FIXTURES / "data" / "val"}"\n'
+        "checks = [\n"
+        '  "findings.max_severity < fail",\n'
+        '  "findings.eval.* absent",\n'
+        '  "findings.classifier.etf_like_random absent",\n'
+        "]\n"
+    )
+    junit = tmp_path / "junit.xml"
+    args = ["check", str(FIXTURES / "models" / "vit_nomix"), "--config", str(config)]
+    result = CliRunner().invoke(app, [*args, "--junit", str(junit), "--json", "-"])
+    # vit_nomix: its worst finding is a warning, nothing on eval, but its head's ETF distance
+    # lies within random heads' (an info finding), so the third check fails: exit 1.
+    assert result.exit_code == 1, result.output
+    checks = {c["check"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["findings.max_severity < fail"]["passed"]
+    assert checks["findings.max_severity < fail"]["measured"] == "warn"
+    assert checks["findings.eval.* absent"]["passed"]
+    failed = checks["findings.classifier.etf_like_random absent"]
+    assert not failed["passed"] and failed["measured"] == "classifier.etf_like_random"
+    assert junit.read_text().count("<failure") == 1
+    bad = tmp_path / "bad.toml"
+    bad.write_text('data = "x"\nchecks = ["findings.nosuch.rule absent"]\n')
+    refused = CliRunner().invoke(app, ["check", "--config", str(bad)])
+    assert refused.exit_code == 2 and "rule family" in refused.output
