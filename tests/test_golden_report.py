@@ -89,6 +89,8 @@ def _compare(got, want, path: tuple = (), probe: str | None = None, scale: float
             return [f"{where}: keys differ, missing {missing}, added {added}"]
         if path[:1] == ("results",) and len(path) == 2:
             probe = want.get("probe")
+        elif path == ("findings",):
+            probe = "findings"  # its numbers are copies of results' and their references
         return [m for k in want for m in _compare(got[k], want[k], (*path, k), probe)]
     if isinstance(want, list):
         if not isinstance(got, list) or len(got) != len(want):
@@ -98,7 +100,7 @@ def _compare(got, want, path: tuple = (), probe: str | None = None, scale: float
         pairs = enumerate(zip(got, want, strict=True))
         return [m for i, (g, w) in pairs for m in _compare(g, w, (*path, i), probe, inner)]
     if isinstance(want, float) and isinstance(got, (int, float)) and not isinstance(got, bool):
-        kind = rule(probe if path[:1] == ("results",) else None, path)
+        kind = rule(probe if path[:1] in (("results",), ("findings",)) else None, path)
         ok = _close(float(got), want, kind, _leaf_scale(path, scale))
         return [] if ok else [f"{where}: {got!r} != {want!r}"]
     return [] if got == want else [f"{where}: {got!r} != {want!r}"]
@@ -223,6 +225,7 @@ def test_tolerance_classes():
     assert rule("variance", ("results", 3, "metrics", "top1@48/none")) == "exact"
     assert rule("calibration", ("results", 2, "extra", "bins", 3, "count")) == "exact"
     assert rule(None, ("model", "data_config", "mean", 0)) == "exact"
+    assert rule("findings", ("findings", "items", 0, "interval", 1)) == "forward"
     # A coordinate near zero is compared on the scale of its vector.
     want = {"results": [{"probe": "mixup_geometry", "xy": [-0.497, 3.5e-18]}]}
     got = {"results": [{"probe": "mixup_geometry", "xy": [-0.497, 1.6e-17]}]}

@@ -9,7 +9,8 @@ document falls in one of three classes (`test_golden_report.rule`):
   when an image sits on a decision boundary (a tie of the two largest logits, a confidence on a
   bin edge) within the float32 noise; `test_no_fixture_image_sits_on_a_boundary` checks that
   every fixture image is farther than the forward budget, so these are exact on any CPU.
-  Everything outside `results` (the model's and the data's description) is exact too.
+  Everything outside `results` and `findings` (the model's and the data's description) is
+  exact too; a finding's numbers are copies of results' and are compared as those are.
 - **weights** (`WEIGHTS_RTOL` = 1e-12): the classifier's geometry (the `classifier` probe and
   collapse's `nc2_*_weights`) is float64 arithmetic on the identical float32 head weights, with
   no forward pass. Kernels change only the float64 summation order: about n·ε64 ≈ 1.4e-13 for

@@ -43,6 +43,8 @@ def _leaves(got, want, path=(), probe=None, scale=0.0):
     if isinstance(want, dict):
         if path[:1] == ("results",) and len(path) == 2:
             probe = want.get("probe")
+        elif path == ("findings",):
+            probe = "findings"
         for k in want:
             yield from _leaves(got[k], want[k], (*path, k), probe)
     elif isinstance(want, list):
@@ -50,7 +52,7 @@ def _leaves(got, want, path=(), probe=None, scale=0.0):
         for i, (g, w) in enumerate(zip(got, want, strict=True)):
             yield from _leaves(g, w, (*path, i), probe, inner)
     elif isinstance(want, float) and math.isfinite(want):
-        kind = rule(probe if path[:1] == ("results",) else None, path)
+        kind = rule(probe if path[:1] in (("results",), ("findings",)) else None, path)
         diff = abs(float(got) - want)
         if kind == "exact":
             yield kind, math.inf if diff else 0.0, path
