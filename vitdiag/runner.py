@@ -166,22 +166,61 @@ def open_source(
     return open_dataset(str(data), strict=settings.strict, seed=settings.seed)
 
 
-def label_notes(loaded: LoadedModel, source: ImageSource) -> list[str]:
-    """Refuse data with more classes than outputs; note when class folders differ from labels."""
+def align_labels(
+    loaded: LoadedModel,
+    source: ImageSource,
+    s: Settings | None = None,
+    reference: Sequence[str] | None = None,
+) -> str | None:
+    """Number `source`'s classes as the model's outputs (`vitdiag.data.labels`: by name when the
+    model carries class names, else by folder order) and return the rule, one line; None for
+    unlabelled data. Refuses data with more classes than outputs, and a partial name match.
+
+    reference: the training data's classes, which number a held-out split's in positional mode.
+    The map is set on `source` (its `target_map`), so every loader of it reads true indices."""
     if not source.labelled or source.classes is None:
-        return []
+        return None
     if len(source.classes) > loaded.num_classes:
         raise VitdiagError(
             f"the data has {len(source.classes)} classes but the model has {loaded.num_classes} "
             "outputs; point --data at a dataset with the model's classes."
         )
+    from vitdiag.data import class_indices
+
+    mode = s.labels if s is not None else "auto"
     names = loaded.provenance.get("label_names")
-    if names and list(names) != list(source.classes):
+    found = class_indices(source.classes, names, mode, reference=reference, where=source.source)
+    if max(found.index, default=-1) >= loaded.num_classes:
+        raise VitdiagError(
+            f"the classes of {source.source} reach output {max(found.index)} but the model has "
+            f"{loaded.num_classes} outputs; point it at a dataset with the model's classes."
+        )
+    source.target_map = None if found.identity else found.index
+    return found.rule
+
+
+def _mismatch_notes(loaded: LoadedModel, source: ImageSource, rule: str | None) -> list[str]:
+    names = loaded.provenance.get("label_names")
+    positional = rule is not None and rule.startswith("positional")
+    if positional and names and list(names) != list(source.classes or ()):
         return [
             "the data's class folders are not named like the checkpoint's label_names; "
             "accuracy assumes folder order = output order."
         ]
     return []
+
+
+def label_notes(
+    loaded: LoadedModel,
+    source: ImageSource,
+    s: Settings | None = None,
+    reference: Sequence[str] | None = None,
+) -> list[str]:
+    """`align_labels`, and the notes for the results that read the labels: the rule, and
+    whether folder names differ from the checkpoint's label names."""
+    rule = align_labels(loaded, source, s, reference)
+    head = [f"labels: {rule}"] if rule is not None else []
+    return head + _mismatch_notes(loaded, source, rule)
 
 
 def run_all(
@@ -312,6 +351,7 @@ class Pass:
     summary: RunSummary
     data: dict[str, object]
     notes: list[str]
+    labels: str | None = None  # the label rule (`align_labels`), for the results that read them
 
 
 def run_pass(
@@ -324,14 +364,19 @@ def run_pass(
     per_class: int | None = None,
     description: str = "data",
     model: torch.nn.Module | None = None,
+    reference_classes: Sequence[str] | None = None,
 ) -> Pass:
     """Check the labels, feed `probes` one pass over `source`, and say what was read.
 
     model: what the engine runs when it is not `loaded.model` (loaded None: no label check).
+    reference_classes: the training data's classes when `source` is a held-out split.
     """
     from vitdiag.engine import run_probes
 
-    notes = label_notes(loaded, source) if loaded is not None and s.label_check else []
+    rule, notes = None, []
+    if loaded is not None and s.label_check:
+        rule = align_labels(loaded, source, s, reference_classes)
+        notes = _mismatch_notes(loaded, source, rule)
     loader = loader_for(source, transform, s, per_class, views=_loader_views(probes))
     summary = run_probes(
         model if model is not None else loaded.model,
@@ -347,7 +392,9 @@ def run_pass(
             f"{summary.n_unreadable} unreadable image(s) were skipped (--strict fails instead)."
         )
     desc = dict(source.describe(), n_images=summary.n_images, n_unreadable=summary.n_unreadable)
-    return Pass(summary, desc, notes)
+    if rule is not None:
+        desc["labels"] = rule
+    return Pass(summary, desc, notes, rule)
 
 
 def _loader_views(probes: list[Probe]) -> ViewMaker | None:
@@ -388,6 +435,7 @@ def _one_pass(
         transform=transform,
         per_class=per_class,
         description=role,
+        reference_classes=_reference_classes(run, role),
     )
     summary = done.summary
     out.passes.append(role)
@@ -402,6 +450,8 @@ def _one_pass(
         native = None if "variance" not in probes else (probes["variance"], summary)
         found["variance"] = _variance(loaded, run, source, sizes or [], native, out, per_class)
     for name, result in found.items():
+        if done.labels is not None and _reads_labels(name):
+            result.notes.append(f"labels: {done.labels}")
         result.notes.extend(done.notes)
         result.extra["dataset"] = role
         if name == "calibration" and role == "data" and "val" not in out.data:
@@ -409,6 +459,26 @@ def _one_pass(
                 "measured on --data: give --val for calibration on held-out images."
             )
     return found
+
+
+def _reference_classes(run: Runtime, role: str) -> list[str] | None:
+    """The training data's classes, which number the held-out split's when the model carries
+    no class names (a --val lacking one of --data's classes keeps --data's indices)."""
+    train = run.source
+    if role != "val" or train is None or not train.labelled or train.classes is None:
+        return None
+    return list(train.classes)
+
+
+# Eval and variance read labels when there are some (accuracy) but still measure without them,
+# so they do not declare needs_labels; the label rule belongs on their results too.
+_ALSO_READ_LABELS = frozenset({"eval", "variance"})
+
+
+def _reads_labels(name: str) -> bool:
+    from vitdiag.probes.registry import probe_class
+
+    return name in _ALSO_READ_LABELS or probe_class(name).needs_labels
 
 
 # probe -> the metric its random-init reference is read for (docs/FINDINGS.md)

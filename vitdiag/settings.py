@@ -164,6 +164,18 @@ class Settings:
         groups=_IMAGES,
         help="Fail on the first unreadable image instead of skipping it.",
     )
+    labels: str = option(
+        "auto",
+        flag="--labels",
+        type=str,
+        panel=DATA,
+        groups=_IMAGES,
+        help="How class folders become output indices: name (the model's class names; a "
+        "partial match is refused) or positional (folder order = output order). Default auto: "
+        "name when the checkpoint carries class names, else positional.",
+        valid=lambda v: v in ("auto", "name", "positional"),
+        want="auto, name or positional",
+    )
     # training-data subsample (collapse, mixup geometry)
     per_class: int | None = option(
         None,

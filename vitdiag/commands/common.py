@@ -174,8 +174,8 @@ class Shared:
         from vitdiag.runner import Runtime, label_notes, loader_for, transform_at
 
         source = self.open() if self.data is not None else None
-        notes = label_notes(loaded, source) if source is not None else []
         s = self.settings()
+        notes = label_notes(loaded, source, s) if source is not None else []
 
         def batches_at(at: Any, size: Any) -> Any:
             return loader_for(source, transform_at(at.data_config, s, size), s)

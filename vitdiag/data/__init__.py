@@ -2,8 +2,9 @@
 
 Sources (``open_dataset``):
 
-- an ImageFolder directory: two or more class sub-folders; labels are the sorted folder names
-  (plain ``sorted``, as torchvision does);
+- an ImageFolder directory: two or more class sub-folders; labels are the folder names in timm's
+  ImageFolder order (natural sort: ``class2`` before ``class10``), which ``data.labels`` then
+  maps onto the model's outputs (by name when the model carries class names);
 - a flat folder of images (or a folder with a single sub-folder): unlabelled, targets -1;
 - a ``.tar`` of images: labelled by the member's parent folder when there are two or more distinct
   parents, else unlabelled;
@@ -28,6 +29,7 @@ Policies worth knowing:
   when a plain callable is passed). The transform itself is skipped for synthetic sources.
 """
 
+from vitdiag.data.labels import LABEL_MODES, ClassIndices, class_indices
 from vitdiag.data.loader import (
     Batch,
     Loader,
@@ -40,6 +42,7 @@ from vitdiag.data.sources import (
     IMAGE_EXTENSIONS,
     ImageSource,
     UnreadableImageError,
+    class_order,
     decode_image,
     open_dataset,
     to_rgb,
@@ -53,6 +56,10 @@ __all__ = [
     "default_workers",
     "IMAGE_EXTENSIONS",
     "Batch",
+    "ClassIndices",
+    "LABEL_MODES",
+    "class_indices",
+    "class_order",
     "EvalTransform",
     "ImageSource",
     "Loader",

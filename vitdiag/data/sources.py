@@ -14,6 +14,7 @@ import numpy as np
 import timm.data
 import torch
 from PIL import Image
+from timm.utils.misc import natural_key
 from torch.utils.data import Dataset
 
 from vitdiag.errors import VitdiagError
@@ -144,6 +145,8 @@ class ImageSource(Dataset):
     classes: list[str] | None = None
     labelled: bool = False
     synthetic: bool = False
+    # Set by the runner's label check (vitdiag.data.labels): target i is output target_map[i].
+    target_map: list[int] | None = None
 
     def __init__(self, source: str, *, strict: bool = False, split: str | None = None) -> None:
         self.source = source
@@ -166,11 +169,14 @@ class ImageSource(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image | torch.Tensor, int]:
         try:
-            return self._read(index)
+            img, target = self._read(index)
         except VitdiagError:
             raise
         except Exception as exc:  # decoders raise many types on bad bytes; all mean unreadable
             raise UnreadableImageError(self.name(index), _short(exc)) from exc
+        if self.target_map is not None and target >= 0:
+            target = self.target_map[target]
+        return img, target
 
     def describe(self) -> dict[str, Any]:
         """JSON-able provenance of the data."""
@@ -430,6 +436,13 @@ def _open_timm(text: str, *, strict: bool, split: str | None) -> _TimmSource | N
     return _TimmSource(text, ds, strict=strict, split=split or "validation")
 
 
+def class_order(names: Any) -> list[str]:
+    """Class names in timm's ImageFolder order (`find_images_and_targets`: natural sort, so
+    class2 comes before class10), so that class i is the output i of a head trained by timm;
+    ties of that key (names differing only in case) fall back to plain order, for determinism."""
+    return sorted(names, key=lambda c: (natural_key(c), c))
+
+
 def _walk_images(top: Path) -> list[str]:
     """Image files under ``top`` (recursively, hidden entries skipped), sorted, relative."""
     found: list[str] = []
@@ -490,7 +503,7 @@ def _open_dir(text: str, root: Path, *, strict: bool, split: str | None) -> _Fil
                 f"loose images (e.g. {loose[0]}); move the loose images into a class folder "
                 "or remove them."
             )
-        classes = sorted(per_class)
+        classes = class_order(per_class)
         files = [os.path.join(c, f) for c in classes for f in per_class[c]]
         targets = [i for i, c in enumerate(classes) for _ in per_class[c]]
         return _FileSource(text, root, files, targets, classes, strict=strict, split=split)
@@ -538,7 +551,7 @@ def _open_tar(text: str, path: Path, *, strict: bool, split: str | None) -> _Tar
     # Show the folder name; fall back to the full parent path when two folders share a name.
     short = {p: p.rsplit("/", 1)[-1] for p in distinct}
     label = short if len(set(short.values())) == len(distinct) else {p: p for p in distinct}
-    classes = sorted(set(label.values()))
+    classes = class_order(set(label.values()))
     index = {c: i for i, c in enumerate(classes)}
     targets = [index[label[p]] for p in parents]
     return _TarSource(text, path, members, targets, classes, strict=strict)

@@ -54,9 +54,8 @@ def rules(result: dict, ctx: Context, overrides: dict | None = None) -> list[Fin
     )
     why = (
         f"ECE {short(ece)} {span(ece_interval)} is above what a perfectly calibrated model "
-        f"shows on the same images (95th percentile {short(ref['q95'])}), and confidence "
-        f"exceeds accuracy by {short(gap)} {span(gap_interval)}: the model is {word}-confident; "
-        f"{fit}."
+        f"shows on the same images (95th percentile {short(ref['q95'])}), and confidence − "
+        f"accuracy is {short(gap)} {span(gap_interval)}: the model is {word}-confident; {fit}."
     )
     return [
         Finding(
