@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from vitdiag.errors import VitdiagError
 from vitdiag.results import Result
 from vitdiag.runtime import Runtime
-from vitdiag.settings import Settings
+from vitdiag.settings import Settings, dataset_options
 
 if TYPE_CHECKING:
     import torch
@@ -163,7 +163,7 @@ def open_source(
         return data
     from vitdiag.data import open_dataset
 
-    return open_dataset(str(data), strict=settings.strict, seed=settings.seed)
+    return open_dataset(str(data), **dataset_options(settings))
 
 
 def align_labels(

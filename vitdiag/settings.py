@@ -176,6 +176,35 @@ class Settings:
         valid=lambda v: v in ("auto", "name", "positional"),
         want="auto, name or positional",
     )
+    split: str | None = option(
+        None,
+        flag="--split",
+        type=str | None,
+        panel=DATA,
+        groups=_IMAGES,
+        help="Which split: a split sub-folder of --data (val also finds valid/validation), or "
+        "the split of an HF dataset (hfds/NAME, a save_to_disk or Parquet folder). Default: the "
+        "folder itself; for HF datasets validation, else test, else the only split.",
+        want="a split name, e.g. validation",
+    )
+    image_column: str | None = option(
+        None,
+        flag="--image-column",
+        type=str | None,
+        panel=DATA,
+        groups=_IMAGES,
+        help="HF datasets: the image column (default: the one column with an Image feature).",
+        want="a column name of the dataset",
+    )
+    label_column: str | None = option(
+        None,
+        flag="--label-column",
+        type=str | None,
+        panel=DATA,
+        groups=_IMAGES,
+        help="HF datasets: the label column (default: the one ClassLabel column, else none).",
+        want="a column name of the dataset",
+    )
     # training-data subsample (collapse, mixup geometry)
     per_class: int | None = option(
         None,
@@ -390,6 +419,15 @@ def options() -> dict[str, Option]:
 def library_default(name: str) -> Any:
     f = next(f for f in dataclasses.fields(Settings) if f.name == name)
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+DATASET_OPTIONS = ("strict", "seed", "split", "image_column", "label_column")
+
+
+def dataset_options(settings: Any) -> dict[str, Any]:
+    """The keyword arguments of `vitdiag.data.open_dataset` that run options set, read off a
+    `Settings` or anything with the same attributes (a command's options)."""
+    return {name: getattr(settings, name) for name in DATASET_OPTIONS}
 
 
 def cli_default(name: str) -> Any:

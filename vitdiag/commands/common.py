@@ -133,7 +133,7 @@ class Shared:
         if data is None:
             raise VitdiagError("this command needs images: give --data DIR (or --data synthetic).")
         self.validate()
-        return open_dataset(data, strict=self.strict, seed=self.seed)
+        return open_dataset(data, **declared.dataset_options(self))
 
     def load(
         self, ckpt: str | None, size: int | None = None, *, data: bool = False

@@ -38,13 +38,13 @@ from vitdiag.data.loader import (
     merged_views,
     select_indices,
 )
+from vitdiag.data.open import open_dataset
 from vitdiag.data.sources import (
     IMAGE_EXTENSIONS,
     ImageSource,
     UnreadableImageError,
     class_order,
     decode_image,
-    open_dataset,
     to_rgb,
 )
 from vitdiag.data.transforms import EvalTransform, eval_transform

@@ -557,7 +557,7 @@ def _open_tar(text: str, path: Path, *, strict: bool, split: str | None) -> _Tar
     return _TarSource(text, path, members, targets, classes, strict=strict)
 
 
-def open_dataset(
+def open_local(
     source: str | Path,
     *,
     strict: bool = False,
@@ -565,7 +565,7 @@ def open_dataset(
     synthetic_count: int = 256,
     seed: int = 0,
 ) -> ImageSource:
-    """Open a dataset: a folder, a ``.tar``, ``torch/NAME:ROOT``, ``hfds/NAME``, ``synthetic[:N]``.
+    """Open a folder, a ``.tar``, ``torch/NAME:ROOT``, ``hfds/NAME`` or ``synthetic[:N]``.
 
     ``split`` picks a split sub-folder (``val`` also finds ``valid``/``validation``...) or the
     split of a timm source (default ``validation``). ``seed`` seeds synthetic pixels.
