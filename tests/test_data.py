@@ -183,7 +183,7 @@ def test_timm_torchvision_folder_source(tmp_path: Path) -> None:
         ("torch/cifar10", "ROOT"),
         ("torch/cifar10:{tmp}/missing", "missing"),
         ("hfds/some/dataset", "datasets"),
-        ("wds/some-shards", "streaming"),
+        ("wds/some-shards", "does not exist"),
     ],
 )
 def test_timm_source_errors_are_vitdiag_errors(tmp_path: Path, text: str, needle: str) -> None:

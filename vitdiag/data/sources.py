@@ -58,7 +58,7 @@ _TORCH_NAMES = (
     "image_folder",
     "folder",
 )
-_STREAMING_PREFIXES = ("hfids", "tfds", "wds")
+_STREAMING_PREFIXES = ("hfids", "tfds")
 
 
 class UnreadableImageError(VitdiagError):
