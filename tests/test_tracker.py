@@ -5,6 +5,7 @@ saved at that step, it logs the same numbers everywhere, and it changes nothing 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -287,8 +288,9 @@ def test_an_earlier_log_is_continued_and_a_new_metric_widens_the_header(image_fo
     # A resumed run: the earlier run logged steps 0..2 with one metric only.
     (log / CSV_NAME).write_text("step,eval.top1,old.metric\n0,0.25,1.5\n1,0.5,\n2,0.75,2.5\n")
     tracker = vitdiag.Tracker(
-        tiny_model(), str(image_folder), probes=["eval"], data_config=DATA_CONFIG, log_dir=log
-    )
+        tiny_model(), str(image_folder), probes=["eval"], data_config=DATA_CONFIG, log_dir=log,
+        tensorboard=False,
+    )  # fmt: skip
     tracker.step(2)  # redoes step 2: the old row 2 goes
     tracker.step(3)
     columns, rows = read_log(log)
@@ -379,7 +381,11 @@ def test_two_processes_track_what_one_process_tracks(image_folder, tmp_path):
     # Every rank got the numbers; rank 0 alone logged them.
     assert single["calls"] == ranks[0]["calls"] == [0, 1] and ranks[1]["calls"] == []
     assert ranks[0]["history"] == ranks[1]["history"]
-    assert sorted(p.name for p in (two / "log").iterdir()) == [CSV_NAME]
+    logged = sorted(p.name for p in (two / "log").iterdir())
+    boards = [n for n in logged if n.startswith("events.out.tfevents.")]
+    # one CSV and, with tensorboard installed, one events file: one process wrote
+    assert [n for n in logged if n not in boards] == [CSV_NAME]
+    assert len(boards) == (importlib.util.find_spec("tensorboard") is not None)
     for a, b in zip(single["history"], ranks[0]["history"], strict=True):
         assert a.keys() == b.keys()
         off = {

@@ -242,3 +242,54 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, case):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["empty", "checkpoint-3.pth.tar", "log"]
     )
+
+
+# --------------------------------------------------------------------------- issue 21, category 7
+
+
+def test_a_trend_across_architectures_is_refused_naming_both(tmp_path):
+    other = save_tiny_vit(tmp_path / "small_epoch5", num_classes=10)
+    config = json.loads((other / "config.json").read_text())
+    config["architecture"] = "vit_small_patch16_224"  # same args: the weights still fit
+    (other / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "t"
+    got = invoke(["trend", NOMIX, other, "--probes", "classifier", "--quiet", "--out", out])
+    assert got.exit_code == 2, got.output
+    (line,) = got.output.strip().splitlines()
+    assert line.startswith("error: ") and "vit_small_patch16_224" in line
+    assert "vit_tiny_patch16_224" in line and "small_epoch5" in line and "vit_nomix" in line
+    from vitdiag.errors import VitdiagError
+    from vitdiag.studies.trend import trend_run
+
+    with pytest.raises(VitdiagError) as caught:
+        trend_run("", [NOMIX, other], None, probes={"classifier"})
+    assert f"error: {caught.value}" == line
+
+
+def test_an_empty_glob_is_one_line_and_the_api_says_the_same(tmp_path):
+    from vitdiag.errors import VitdiagError
+    from vitdiag.studies.trend import find_checkpoints
+
+    pattern = str(tmp_path / "checkpoint-*.pth.tar")
+    got = invoke(["trend", pattern, "--data", VAL, "--probes", "eval", "--out", tmp_path / "o"])
+    assert got.exit_code == 2, got.output
+    (line,) = got.output.strip().splitlines()
+    assert f"no checkpoints matched {pattern}" in line
+    with pytest.raises(VitdiagError) as caught:
+        find_checkpoints([pattern])
+    assert line == f"error: {caught.value}"
+
+
+def test_a_run_folder_with_only_last_is_a_one_row_trend_with_a_note(timm_run, tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    shutil.copy(timm_run / "last.pth.tar", folder / "last.pth.tar")
+    got = invoke(
+        ["trend", folder, "--data", VAL, "--probes", "eval", *COMMON, "--no-plots",
+         "--json", tmp_path / "t.json"]
+    )  # fmt: skip
+    assert got.exit_code == 0, got.output
+    (run,) = json.loads((tmp_path / "t.json").read_text())["runs"]
+    assert [r["label"] for r in run["rows"]] == ["last.pth.tar"]
+    assert run["rows"][0]["epoch"] == 2  # the epoch last.pth.tar records
+    assert any(n.startswith("only last.pth.tar") for n in run["notes"])

@@ -12,6 +12,8 @@ padding and cover every image, so sums over processes equal the single-process s
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,18 +50,80 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits, as its launcher said: torchrun and `accelerate launch` (which
+    starts its processes through torchrun's launcher) set RANK/WORLD_SIZE/LOCAL_RANK/
+    MASTER_ADDR/MASTER_PORT; `srun` sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    addr: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    launcher: str = "none"
+
+
+def launch_env(env: Mapping[str, str]) -> Launch:
+    """The launch an environment describes; WORLD_SIZE (torchrun, accelerate) wins over SLURM's
+    variables, since torchrun inside an sbatch job sees both."""
+    try:
+        if "WORLD_SIZE" in env:
+            world, rank = int(env["WORLD_SIZE"]), int(env.get("RANK", "0"))
+            local, launcher = int(env.get("LOCAL_RANK", "0")), "torchrun"
+        elif "SLURM_NTASKS" in env and "SLURM_PROCID" in env:
+            world, rank = int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"])
+            local, launcher = int(env.get("SLURM_LOCALID", "0")), "slurm"
+        else:
+            return Launch()
+        port = int(env.get("MASTER_PORT", DEFAULT_PORT))
+    except ValueError as e:
+        raise VitdiagError(
+            f"the launcher's rank/world variables are not whole numbers ({e}); check the "
+            "environment torchrun or srun set."
+        ) from None
+    if world < 1 or not 0 <= rank < world:
+        raise VitdiagError(
+            f"rank {rank} does not fit a world of {world} processes; check the environment "
+            "torchrun or srun set."
+        )
+    addr = env.get("MASTER_ADDR") or env.get("SLURM_LAUNCH_NODE_IPADDR")
+    addr = addr or _first_host(env.get("SLURM_NODELIST", "")) or "127.0.0.1"
+    return Launch(rank, world, local, addr, port, launcher)
+
+
+def _first_host(nodelist: str) -> str | None:
+    """The first host of a SLURM node list: ``gpu[03-05,07],cpu1`` -> ``gpu03``."""
+    match = re.match(r"([^,\[]+)(?:\[([^,\]-]+))?", nodelist.strip())
+    if not match:
+        return None
+    return match.group(1) + (match.group(2) or "")
+
+
 def init_distributed() -> tuple[int, int]:
-    """Join the process group torchrun set up (gloo on CPU, nccl on GPU); (rank, world size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    """Join the process group of torchrun, `accelerate launch` or `srun` (gloo on CPU, nccl on
+    GPU); (rank, world size)."""
+    launch = launch_env(os.environ)
+    if launch.world <= 1:
         return 0, 1
     import torch.distributed as dist
 
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        if launch.launcher == "slurm":  # no torchrun store: rank 0 hosts one at addr:port
+            dist.init_process_group(
+                backend=backend,
+                init_method=f"tcp://{launch.addr}:{launch.port}",
+                rank=launch.rank,
+                world_size=launch.world,
+            )
+        else:
+            dist.init_process_group(backend=backend)
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(launch.local_rank)
     return dist.get_rank(), dist.get_world_size()
 
 

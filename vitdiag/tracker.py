@@ -63,7 +63,9 @@ class Tracker:
         --from-log DIR` reads it) and, when the `tensorboard` package is installed (the
         `vitdiag[tensorboard]` extra), TensorBoard scalars `<probe>/<metric>`; without it that
         part is skipped silently (tensorboard=False skips it always).
-    writer: any callable `writer(step, metrics)`, e.g. `wandb.log`-style adapters or MLflow.
+    writer: any callable `writer(step, metrics)`; it gets the finite metrics only, named as in
+        the CSV (`finite_metrics`). `vitdiag.integrations.mlflow.MlflowWriter` and
+        `vitdiag.integrations.wandb.WandbWriter` log to MLflow and W&B.
     options: `runner.Settings` fields (batch_size, workers, per_class, seed, amp, ...).
     """
 
@@ -123,7 +125,11 @@ class Tracker:
         return results
 
     def close(self) -> None:
-        """Flush and close the TensorBoard writer, if one was opened."""
+        """Flush and close the TensorBoard writer, if one was opened, and the writer= when it
+        has a close() (the MLflow and W&B writers end only a run they started)."""
+        close = getattr(self.writer, "close", None)
+        if callable(close):
+            close()
         if self._board is not None:
             self._board.close()
             self._board = None
@@ -133,12 +139,11 @@ class Tracker:
             self._csv.write(step, metrics)
         board = self._board_writer()
         if board is not None:
-            for key, value in metrics.items():
-                if value is not None and math.isfinite(value):
-                    board.add_scalar(key.replace(".", "/", 1), value, step)
+            for key, value in finite_metrics(metrics).items():
+                board.add_scalar(board_name(key), value, step)
             board.flush()
         if self.writer is not None:
-            self.writer(step, dict(metrics))
+            self.writer(step, finite_metrics(metrics))
 
     def _board_writer(self) -> Any:
         if self._board is None and self.log_dir is not None and self._tensorboard is not False:
@@ -159,6 +164,26 @@ def flatten(results: Iterable[Any]) -> dict[str, float]:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 out[f"{result.probe}.{key}"] = value
     return out
+
+
+def finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """What every writer logs: the metrics whose value is a finite number, as floats, names
+    unchanged (``<probe>.<metric>``). None and NaN mean "not measured" and are left out (the
+    CSV's empty cell), so no writer shows a point that was not measured."""
+    out = {}
+    for key, value in metrics.items():
+        if value is None or isinstance(value, bool):
+            continue
+        number = float(value)
+        if math.isfinite(number):
+            out[key] = number
+    return out
+
+
+def board_name(key: str) -> str:
+    """TensorBoard's tag for a metric: the first '.' becomes '/' (``eval/top1``), so TensorBoard
+    groups a probe's metrics; the one transformation any writer applies to the names."""
+    return key.replace(".", "/", 1)
 
 
 class CsvLog:
@@ -226,8 +251,8 @@ def _step_of(row: dict[str, str], path: Path) -> float:
 
 def _cell(value: Any) -> str:
     # repr: the shortest text that reads back as the same float, so the log loses no digit.
-    if value is None:
-        return ""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""  # not measured, as the other writers skip it
     return repr(float(value)) if isinstance(value, float) else str(value)
 
 

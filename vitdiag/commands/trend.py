@@ -34,6 +34,35 @@ Checkpoints = Annotated[
 ]
 
 
+MlflowUri = Annotated[
+    str | None,
+    typer.Option(
+        "--mlflow",
+        metavar="URI",
+        help="Also log every row to MLflow at this tracking URI (file:./mlruns, "
+        "http://host:5000), one run per trend run in experiment vitdiag-trend.",
+        rich_help_panel=o.OUTPUT,
+    ),
+]
+WandbProject = Annotated[
+    str | None,
+    typer.Option(
+        "--wandb",
+        metavar="PROJECT",
+        help="Also log every row to this W&B project, one run per trend run.",
+        rich_help_panel=o.OUTPUT,
+    ),
+]
+WandbMode = Annotated[
+    str | None,
+    typer.Option(
+        "--wandb-mode",
+        help="W&B's mode: online, offline or disabled (default: W&B's own, WANDB_MODE).",
+        rich_help_panel=o.OUTPUT,
+    ),
+]
+
+
 @shared("model", "images", "interpolation", "crop_pct", "runtime", "probes")
 def trend(
     ckpts: Checkpoints = None,
@@ -68,6 +97,9 @@ def trend(
     force: o.Force = False,
     plots: o.Plots = True,
     probes: o.Probes = "all",
+    mlflow: MlflowUri = None,
+    wandb: WandbProject = None,
+    wandb_mode: WandbMode = None,
     opts: Shared = None,
 ) -> None:
     """Run the probes on every checkpoint of a run (or read a Tracker's log) and plot them
@@ -76,6 +108,10 @@ def trend(
     from vitdiag.validation import Output
 
     named = _runs(ckpts, run)
+    if wandb_mode not in (None, "online", "offline", "disabled"):
+        raise VitdiagError(
+            f"--wandb-mode {wandb_mode!r} is not a W&B mode; give online, offline or disabled."
+        )
     out = out if out is not None or opts.json_out is not None else Path("vitdiag-trend")
     outputs = [Output("--out", out, folder=True, replace="empty"), Output("--json", opts.json_out)]
     if from_log:
@@ -90,6 +126,26 @@ def trend(
         runs = _from_checkpoints(model, found, sources, wanted, size_list, settings)
     if is_main_process():
         _write(runs, out, plots=plots, force=force, json_out=opts.json_out)
+        _log(runs, mlflow, wandb, wandb_mode)
+
+
+def _log(runs: list[TrendRun], mlflow: str | None, wandb: str | None, mode: str | None) -> None:
+    """The rows to MLflow and W&B, named as in trend.json (`<probe>.<metric>`)."""
+    from vitdiag.studies import trend as study
+
+    if mlflow is not None:
+        from vitdiag.integrations.mlflow import MlflowWriter
+
+        study.log_runs(
+            runs,
+            lambda name: MlflowWriter(
+                tracking_uri=mlflow, experiment="vitdiag-trend", run_name=name or None
+            ),
+        )
+    if wandb is not None:
+        from vitdiag.integrations.wandb import WandbWriter
+
+        study.log_runs(runs, lambda name: WandbWriter(project=wandb, mode=mode, name=name or None))
 
 
 def _from_logs(

@@ -67,9 +67,10 @@ class TrendRun:
 # --------------------------------------------------------------------------- finding
 
 
-def find_checkpoints(items: Sequence[str], what: str = "checkpoints") -> list[Path]:
+def find_checkpoints(items: Sequence[str], what: str = "") -> list[Path]:
     """Files, model folders (config.json inside), folders holding checkpoints, or globs, in
-    the order given (a folder's files in natural name order), each path once."""
+    the order given (a folder's files in natural name order), each path once; `what` names
+    the run in the error when nothing matches."""
     found: list[Path] = []
     for item in items:
         path = Path(item).expanduser()
@@ -83,7 +84,8 @@ def find_checkpoints(items: Sequence[str], what: str = "checkpoints") -> list[Pa
     unique = list({p.resolve(): p for p in reversed(found)}.values())[::-1]
     if not unique:
         raise VitdiagError(
-            f"no checkpoints matched {' '.join(items) or '(nothing given)'} ({what}); give "
+            f"no checkpoints matched {' '.join(items) or '(nothing given)'}"
+            f"{f' (run {what})' if what else ''}; give "
             f"checkpoint files ({'/'.join(_SUFFIXES)}), a folder holding them, or a glob."
         )
     return unique
@@ -221,6 +223,7 @@ class SharedModel:
         self.options = options
         self.loaded: Any = None
         self.spec: Any = None
+        self.first: Path | None = None
 
     def __call__(self, path: Path) -> tuple[Any, bool]:
         from vitdiag.loading.checkpoint import read_source
@@ -229,6 +232,12 @@ class SharedModel:
         o = self.options
         ck = read_source(path, ema=o.ema, unsafe_pickle=o.unsafe_pickle)
         spec = resolve(ck, arch=o.arch, model_args=dict(o.model_args), native=o.native_size)
+        if self.spec is not None and spec.arch != self.spec.arch:
+            raise VitdiagError(
+                f"{path.name} is a {spec.arch} but {self.first.name} is a {self.spec.arch}; a "
+                "trend across architectures means nothing, so give each its own --run NAME=GLOB."
+            )
+        self.first = self.first or path
         if self.loaded is not None and _same(spec, self.spec):
             self.loaded = _swap(self.loaded, ck, spec)
             return self.loaded, True
@@ -341,6 +350,12 @@ def trend_run(
         run.data = run.data or dict(results.data)
         run.world_size = results.world_size
     run.seconds = time.perf_counter() - start
+    if all(_ALIASES.fullmatch(_stem(p)) for p, _ in ordered):
+        names = ", ".join(p.name for p, _ in ordered)
+        run.notes.append(
+            f"only {names} (a copy train.py keeps, not a numbered checkpoint) is there, so the "
+            "trend has no more points than that; keep checkpoint-N files for a trend."
+        )
     rebuilt = sum(1 for r in run.rows[1:] if not r.reused)
     if rebuilt:
         run.notes.append(
@@ -348,6 +363,20 @@ def trend_run(
             "architecture, arguments or size), so they were loaded separately."
         )
     return run
+
+
+def log_runs(runs: Sequence[TrendRun], make_writer: Any) -> None:
+    """Each run's rows through `make_writer(run_name)` -> `writer(step, metrics)` (the
+    Tracker's writer protocol; the step is the row's epoch, else its place), then close()."""
+    for run in runs:
+        writer = make_writer(run.name)
+        try:
+            for row in run.rows:
+                writer(int(row.x), dict(row.metrics))
+        finally:
+            close = getattr(writer, "close", None)
+            if callable(close):
+                close()
 
 
 # --------------------------------------------------------------------------- a Tracker's log
