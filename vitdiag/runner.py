@@ -391,6 +391,10 @@ def run_pass(
         notes.append(
             f"{summary.n_unreadable} unreadable image(s) were skipped (--strict fails instead)."
         )
+    if source.n_unsafe_members:
+        notes.append(
+            f"{source.n_unsafe_members} tar member(s) with an absolute or '..' path were ignored."
+        )
     desc = dict(source.describe(), n_images=summary.n_images, n_unreadable=summary.n_unreadable)
     if rule is not None:
         desc["labels"] = rule

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vitdiag.data.sources import ImageSource, SyntheticSource, UnreadableImageError
+from vitdiag.data.sources import ImageSource, SyntheticSource, UnreadableImageError, shown
 from vitdiag.errors import VitdiagError
 
 
@@ -204,7 +204,7 @@ class Loader:
             name, reason = pending[0]
             what = "The only image" if len(pending) == 1 else f"All {len(pending)} images"
             raise VitdiagError(
-                f"{what} read from {self.source.source} could not be decoded "
+                f"{what} read from {shown(self.source.source)} could not be decoded "
                 f"(first: {name}, {reason}); check that they are valid image files."
             )
 

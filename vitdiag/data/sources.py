@@ -3,9 +3,11 @@ decoding policy (see the package docstring)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import stat
 import tarfile
+import unicodedata
+import warnings
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -59,14 +61,27 @@ _TORCH_NAMES = (
     "folder",
 )
 _STREAMING_PREFIXES = ("hfids", "tfds")
+# Images are refused (skipped and counted; --strict: an error) before any pixel is decoded when
+# larger than PIL's default bomb limit (PIL itself only raises at twice it), or more elongated
+# than this: timm resizes the shorter side, so a 1x500 image would become a 248x124000 array.
+MAX_IMAGE_PIXELS = 89_478_485
+MAX_ASPECT_RATIO = 50
+
+
+def shown(name: Any) -> str:
+    """A path or member name for a one-line message: control characters (a newline in a file
+    name) are escaped as repr() would, everything else (spaces, é, 中文, emoji) is kept."""
+    return "".join(
+        repr(c)[1:-1] if unicodedata.category(c).startswith("C") else c for c in str(name)
+    )
 
 
 class UnreadableImageError(VitdiagError):
     """An image file that PIL cannot decode (raised only for ``strict`` sources)."""
 
     def __init__(self, name: str, reason: str) -> None:
-        self.name = name
-        self.reason = reason
+        self.name = name = shown(name)
+        self.reason = reason = shown(reason)
         super().__init__(
             f"Cannot read image {name} ({reason}); fix or remove the file, "
             "or run without --strict to skip unreadable images."
@@ -121,9 +136,36 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img.convert("RGBA").convert("RGB")
 
 
+def _check_size(img: Image.Image) -> None:
+    w, h = img.size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise OSError(
+            f"{w}x{h} pixels, above the {MAX_IMAGE_PIXELS:,}-pixel limit for decompression "
+            "bombs, not decoded"
+        )
+    if min(w, h) <= 0 or max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise OSError(f"{w}x{h} pixels, more elongated than {MAX_ASPECT_RATIO}:1, not resized")
+
+
 def decode_image(fp: Any) -> Image.Image:
-    """Open an image file (path or file object) and return it as RGB (``to_rgb``), fully read."""
-    with Image.open(fp) as img:
+    """Open an image file (path or file object) and return it as RGB (``to_rgb``), fully read.
+
+    Refused from the header alone (``OSError``): decompression bombs and extreme aspect ratios
+    (``MAX_IMAGE_PIXELS``, ``MAX_ASPECT_RATIO``); only regular files are opened."""
+    if isinstance(fp, (str, os.PathLike)) and not stat.S_ISREG(os.stat(fp).st_mode):
+        # A FIFO would block open() forever and /dev/zero would never end.
+        raise OSError("not a regular file")
+    with warnings.catch_warnings():
+        # Our own limit is checked below (as an error); PIL's warning would only reach stderr.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(fp)
+        except Image.DecompressionBombError as exc:
+            raise OSError(
+                f"above the {MAX_IMAGE_PIXELS:,}-pixel limit for decompression bombs, not decoded"
+            ) from exc
+    with img:
+        _check_size(img)
         rgb = to_rgb(img)
         # convert() returns a new image for every mode but RGB; copy so closing `img` is safe.
         return rgb.copy() if rgb is img else rgb
@@ -147,6 +189,8 @@ class ImageSource(Dataset):
     synthetic: bool = False
     # Set by the runner's label check (vitdiag.data.labels): target i is output target_map[i].
     target_map: list[int] | None = None
+    # Tar members refused for an absolute or '..' path (never read; the runner notes them).
+    n_unsafe_members: int = 0
 
     def __init__(self, source: str, *, strict: bool = False, split: str | None = None) -> None:
         self.source = source
@@ -229,7 +273,7 @@ class _FileSource(ImageSource):
         return {**super().describe(), **_paths(self.source, self.root, self.split)}
 
     def name(self, index: int) -> str:
-        return str(self.root / self.files[index])
+        return shown(self.root / self.files[index])
 
     def _read(self, index: int) -> tuple[Image.Image, int]:
         return decode_image(self.root / self.files[index]), self.targets[index]
@@ -264,7 +308,7 @@ class _TarSource(ImageSource):
         return {**super().describe(), **_paths(self.source, self.path, None)}
 
     def name(self, index: int) -> str:
-        return f"{self.path}:{self.members[index].name}"
+        return shown(f"{self.path}:{self.members[index].name}")
 
     def _handle(self) -> tarfile.TarFile:
         # One handle per process: forked workers would otherwise share one file offset.
@@ -394,7 +438,7 @@ def _parse_synthetic(text: str, default_count: int, seed: int) -> SyntheticSourc
 def _open_timm(text: str, *, strict: bool, split: str | None) -> _TimmSource | None:
     prefix, sep, rest = text.partition("/")
     prefix = prefix.lower()
-    if not sep or prefix not in ("torch", "hfds", *_STREAMING_PREFIXES):
+    if not sep or prefix not in ("torch", *_STREAMING_PREFIXES):
         return None
     if prefix in _STREAMING_PREFIXES:
         raise VitdiagError(
@@ -414,14 +458,9 @@ def _open_timm(text: str, *, strict: bool, split: str | None) -> _TimmSource | N
             raise VitdiagError(
                 f"Dataset {text!r} needs the folder holding the data; write torch/{name}:ROOT."
             )
-    if prefix == "hfds" and importlib.util.find_spec("datasets") is None:
-        raise VitdiagError(
-            f"Dataset {text!r} needs the Hugging Face 'datasets' package; "
-            "install it with `pip install datasets`."
-        )
     if root and not Path(root).exists():
         raise VitdiagError(
-            f"Dataset root {root} (from {text!r}) does not exist; check the path "
+            f"Dataset root {shown(root)} (from {text!r}) does not exist; check the path "
             "(vitdiag never downloads datasets)."
         )
     try:
@@ -443,14 +482,34 @@ def class_order(names: Any) -> list[str]:
     return sorted(names, key=lambda c: (natural_key(c), c))
 
 
+def _is_regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)  # follows symlinks; dangling ones: False
+    except OSError:
+        return False
+
+
 def _walk_images(top: Path) -> list[str]:
-    """Image files under ``top`` (recursively, hidden entries skipped), sorted, relative."""
+    """Image files under ``top`` (recursively, hidden entries skipped), sorted, relative.
+
+    Symlinked folders are followed, each real folder once (a link to itself or a parent would
+    loop forever); only regular files (or links to them) count, never FIFOs or devices."""
     found: list[str] = []
+    seen: set[str] = set()
+    top_real = os.path.realpath(top)
+
+    def loops(path: str) -> bool:
+        real = os.path.realpath(path)
+        return real in seen or top_real == real or top_real.startswith(real.rstrip(os.sep) + os.sep)
+
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        seen.add(os.path.realpath(dirpath))
+        dirnames[:] = sorted(
+            d for d in dirnames if not _is_hidden(d) and not loops(os.path.join(dirpath, d))
+        )
         rel = os.path.relpath(dirpath, top)
         for f in sorted(filenames):
-            if _is_image_name(f):
+            if _is_image_name(f) and _is_regular(os.path.join(dirpath, f)):
                 found.append(f if rel == "." else os.path.join(rel, f))
     return sorted(found)
 
@@ -461,7 +520,7 @@ def _resolve_split(root: Path, split: str) -> Path:
         if (root / cand).is_dir():
             return root / cand
     raise VitdiagError(
-        f"Dataset folder {root} has no {split!r} split folder (looked for "
+        f"Dataset folder {shown(root)} has no {split!r} split folder (looked for "
         f"{', '.join(dict.fromkeys((split, *candidates)))}); check --split or point at the folder."
     )
 
@@ -472,7 +531,7 @@ def _open_dir(text: str, root: Path, *, strict: bool, split: str | None) -> _Fil
     entries = [e for e in os.scandir(root) if not _is_hidden(e.name)]
     if not entries:
         raise VitdiagError(
-            f"Dataset folder {root} is empty; put images ({_EXT_TEXT}) in it, "
+            f"Dataset folder {shown(root)} is empty; put images ({_EXT_TEXT}) in it, "
             "or one sub-folder of images per class."
         )
     loose = sorted(e.name for e in entries if e.is_file() and _is_image_name(e.name))
@@ -482,7 +541,7 @@ def _open_dir(text: str, root: Path, *, strict: bool, split: str | None) -> _Fil
 
     if not loose and not per_class:
         raise VitdiagError(
-            f"Dataset folder {root} contains no images; accepted extensions are {_EXT_TEXT} "
+            f"Dataset folder {shown(root)} contains no images; accepted extensions are {_EXT_TEXT} "
             "(case-insensitive), in the folder itself or in one sub-folder per class."
         )
     # train/ and val/ holding class folders would otherwise become two "classes".
@@ -493,14 +552,16 @@ def _open_dir(text: str, root: Path, *, strict: bool, split: str | None) -> _Fil
         and any(any(os.sep in f for f in files) for files in per_class.values())
     ):
         raise VitdiagError(
-            f"Dataset folder {root} holds split folders ({', '.join(per_class)}) rather than "
+            f"Dataset folder {shown(root)} holds split folders "
+            f"({shown(', '.join(per_class))}) rather than "
             f"classes; pass --split {next(iter(per_class))} or point at one split's folder."
         )
     if len(per_class) >= 2:
         if loose:
             raise VitdiagError(
-                f"Dataset folder {root} mixes {len(per_class)} class folders with {len(loose)} "
-                f"loose images (e.g. {loose[0]}); move the loose images into a class folder "
+                f"Dataset folder {shown(root)} mixes {len(per_class)} class folders with "
+                f"{len(loose)} "
+                f"loose images (e.g. {shown(loose[0])}); move the loose images into a class folder "
                 "or remove them."
             )
         classes = class_order(per_class)
@@ -516,7 +577,7 @@ def _open_dir(text: str, root: Path, *, strict: bool, split: str | None) -> _Fil
 def _open_tar(text: str, path: Path, *, strict: bool, split: str | None) -> _TarSource:
     if split:
         raise VitdiagError(
-            f"--split does not apply to the tar archive {path}; pack one split per .tar "
+            f"--split does not apply to the tar archive {shown(path)}; pack one split per .tar "
             "and pass that file."
         )
     try:
@@ -524,37 +585,46 @@ def _open_tar(text: str, path: Path, *, strict: bool, split: str | None) -> _Tar
             all_members = tf.getmembers()
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise VitdiagError(
-            f"Dataset {path} is not a readable uncompressed tar archive ({_short(exc)}); "
+            f"Dataset {shown(path)} is not a readable uncompressed tar archive ({_short(exc)}); "
             "re-create it with `tar -cf` (decompress .tar.gz first)."
         ) from exc
     members: list[tarfile.TarInfo] = []
     parents: list[str] = []
+    unsafe = 0
     for ti in all_members:
         if not ti.isfile():
             continue
         parts = [p for p in ti.name.split("/") if p not in ("", ".")]
         if not parts or any(_is_hidden(p) for p in parts) or not _is_image_name(parts[-1]):
             continue
+        if ti.name.startswith("/") or ".." in parts:
+            # Never extracted, but such a name would make "../x" a class: refused, counted.
+            unsafe += 1
+            continue
         members.append(ti)
         parents.append("/".join(parts[:-1]))
     if not members:
         raise VitdiagError(
-            f"Tar archive {path} contains no images; accepted extensions are {_EXT_TEXT} "
-            "(hidden members are ignored)."
+            f"Tar archive {shown(path)} contains no images; accepted extensions are {_EXT_TEXT} "
+            "(hidden members, and absolute or '..' member paths, are ignored)."
         )
     order = sorted(range(len(members)), key=lambda i: members[i].name)
     members = [members[i] for i in order]
     parents = [parents[i] for i in order]
     distinct = sorted(set(parents))
     if len(distinct) < 2:
-        return _TarSource(text, path, members, [-1] * len(members), None, strict=strict)
+        out = _TarSource(text, path, members, [-1] * len(members), None, strict=strict)
+        out.n_unsafe_members = unsafe
+        return out
     # Show the folder name; fall back to the full parent path when two folders share a name.
     short = {p: p.rsplit("/", 1)[-1] for p in distinct}
     label = short if len(set(short.values())) == len(distinct) else {p: p for p in distinct}
     classes = class_order(set(label.values()))
     index = {c: i for i, c in enumerate(classes)}
     targets = [index[label[p]] for p in parents]
-    return _TarSource(text, path, members, targets, classes, strict=strict)
+    out = _TarSource(text, path, members, targets, classes, strict=strict)
+    out.n_unsafe_members = unsafe
+    return out
 
 
 def open_local(
@@ -583,7 +653,7 @@ def open_local(
             return timm_source
     if not path.exists():
         raise VitdiagError(
-            f"Dataset path {path} does not exist; give an image folder, a .tar of images, "
+            f"Dataset path {shown(path)} does not exist; give an image folder, a .tar of images, "
             "'synthetic[:N]', torch/NAME:ROOT or hfds/NAME."
         )
     if path.is_dir():
@@ -593,15 +663,15 @@ def open_local(
         return _open_tar(text, path, strict=strict, split=split)
     if lower.endswith(_COMPRESSED_TAR):
         raise VitdiagError(
-            f"Dataset {path} is a compressed tar, which cannot be read image by image; "
+            f"Dataset {shown(path)} is a compressed tar, which cannot be read image by image; "
             "decompress it to a plain .tar first."
         )
     if _is_image_name(path.name):
         raise VitdiagError(
-            f"Dataset {path} is a single image; put it (and others) in a folder and pass "
+            f"Dataset {shown(path)} is a single image; put it (and others) in a folder and pass "
             "the folder."
         )
     raise VitdiagError(
-        f"Dataset {path} is neither a folder, a .tar of images, nor a known source; give an "
+        f"Dataset {shown(path)} is neither a folder, a .tar of images, nor a known source; give an "
         "image folder, a .tar, 'synthetic[:N]', torch/NAME:ROOT or hfds/NAME."
     )
