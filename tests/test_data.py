@@ -182,7 +182,7 @@ def test_timm_torchvision_folder_source(tmp_path: Path) -> None:
         ("torch/cifar10:{tmp}", "torch/cifar10"),
         ("torch/cifar10", "ROOT"),
         ("torch/cifar10:{tmp}/missing", "missing"),
-        ("hfds/some/dataset", "datasets"),
+        ("hfds/some/dataset", "not in the local Hugging Face hub cache"),
         ("wds/some-shards", "does not exist"),
     ],
 )

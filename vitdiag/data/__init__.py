@@ -9,7 +9,10 @@ Sources (``open_dataset``):
 - a ``.tar`` of images: labelled by the member's parent folder when there are two or more distinct
   parents, else unlabelled;
 - timm ``create_dataset`` sources with random access: ``torch/NAME:ROOT`` (torchvision datasets,
-  never downloaded) and ``hfds/NAME[:CACHE_DIR]`` (needs the ``datasets`` package);
+  never downloaded);
+- Hugging Face datasets (``data.hf``, needs the ``datasets`` package): a ``save_to_disk`` folder,
+  a folder of Parquet files, or ``hfds/NAME[:CACHE_DIR]`` from the local hub cache (never
+  downloaded); labels are the ClassLabel's names, matched by name like class folders;
 - ``synthetic`` / ``synthetic:N``: i.i.d. N(0, 1) images in the *normalised* space, seeded per
   index, so a run is reproducible whatever the batch size, worker count or sharding.
 
