@@ -339,3 +339,73 @@ def test_gated_or_private_repo_says_how_to_give_a_token(
     assert expected in msg
     assert "HF_TOKEN=" in msg and "hf auth login" in msg
     assert "\n" not in msg
+
+
+# --- reliability v2: damaged caches, offline; the API and the CLI say the same line ---------
+
+
+def _api_and_cli_error(source: str) -> str:
+    """The VitdiagError `vitdiag.load` raises, checked to be what `vitdiag info` prints."""
+    from typer.testing import CliRunner
+
+    import vitdiag
+    from vitdiag.cli import app
+
+    with pytest.raises(VitdiagError) as info:
+        vitdiag.load(source)
+    msg = str(info.value)
+    assert "\n" not in msg
+    result = CliRunner().invoke(app, ["info", source])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.stderr.strip() == f"error: {msg}"
+    return msg
+
+
+def _dangle(path: Path) -> None:
+    """What an interrupted download or a pruned cache leaves: a link to a blob that is gone."""
+    path.unlink()
+    path.symlink_to(Path("..") / ".." / "blobs" / ("0" * 64))
+
+
+def test_offline_empty_cache_says_how_to_fetch(hub_cache):
+    msg = _api_and_cli_error("hf-hub:timm/never_downloaded")
+    assert "timm/never_downloaded is not in the Hugging Face cache" in msg
+    assert "HF_HUB_OFFLINE" in msg and str(hub_cache) in msg
+
+
+def test_offline_complete_snapshot_loads_in_api_and_cli(hub_cache, no_network):
+    from typer.testing import CliRunner
+
+    import vitdiag
+    from vitdiag.cli import app
+
+    folder = cache_repo(hub_cache, "timm/tiny_test", REV)
+    loaded = vitdiag.load("hf-hub:timm/tiny_test")
+    assert loaded.provenance["hub"]["revision"] == REV
+    assert loaded.num_classes == 5
+    result = CliRunner().invoke(app, ["info", "hf-hub:timm/tiny_test"])
+    assert result.exit_code == 0, result.output
+    assert no_network.attempts == []
+    assert (folder / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_snapshot_file_with_missing_blob_is_named(hub_cache, no_network, name):
+    folder = cache_repo(hub_cache, "timm/tiny_test", REV)
+    _dangle(folder / name)
+    msg = _api_and_cli_error("hf-hub:timm/tiny_test")
+    assert str(folder / name) in msg and "missing" in msg
+    assert "download it again" in msg and "hf download timm/tiny_test" in msg
+    assert no_network.attempts == []
+
+
+def test_ref_naming_a_missing_snapshot_is_named(hub_cache, no_network):
+    import shutil
+
+    folder = cache_repo(hub_cache, "timm/tiny_test", REV)
+    shutil.rmtree(folder)
+    msg = _api_and_cli_error("hf-hub:timm/tiny_test")
+    assert "refs/main names snapshot " + REV in msg and "missing" in msg
+    assert "download timm/tiny_test again" in msg
+    assert no_network.attempts == []

@@ -15,6 +15,7 @@ their results together as a `LoadedModel`.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,9 @@ def describe(loaded: LoadedModel) -> dict:
             "input_size": list(dc["input_size"]),
         },
         "assumptions": [dataclasses.asdict(a) for a in loaded.assumptions],
+        # Only where the files left a choice open, so a plain checkpoint's JSON is unchanged.
+        **({"stored_dtype": p["stored_dtype"]} if p.get("stored_dtype") else {}),
+        **({"notes": list(p["notes"])} if p.get("notes") else {}),
     }
 
 
@@ -331,6 +335,7 @@ def _assemble(ck: Checkpoint, spec: Spec, req: tuple[int, int] | None) -> Loaded
             old_size=spec.native,
             where=where,
         )
+    _check_label_names(spec, model, ck)
     provenance = {
         "path": str(ck.path),
         "weights_file": str(ck.weights),
@@ -345,7 +350,35 @@ def _assemble(ck: Checkpoint, spec: Spec, req: tuple[int, int] | None) -> Loaded
     }
     if ck.ema_note:
         provenance["ema_note"] = ck.ema_note
+    if ck.stored_dtype != "float32":
+        provenance["stored_dtype"] = ck.stored_dtype
+    # The report and console show decided_by; resolve already added the EMA note there.
+    extra = [n for n in ck.notes if n != ck.ema_note]
+    if extra:
+        provenance["decided_by"] = "; ".join([spec.decided_by, *extra])
+    notes = list(ck.notes)
+    if getattr(model, "num_classes", None) == 0:
+        notes.append(
+            f"{ck.weights.name} holds no classifier head, so {spec.arch} is built without one "
+            "(num_classes=0) and only feature measurements are possible"
+        )
+    if notes:
+        provenance["notes"] = notes
+        for note in notes:
+            print(f"note: {note}.", file=sys.stderr)
     return _finish(model, spec, provenance, size, state_dict=native_sd)
+
+
+def _check_label_names(spec: Spec, model: torch.nn.Module, ck: Checkpoint) -> None:
+    """Label names are shown next to every class; a list of the wrong length would misname
+    them all. Checked after the strict load, so the head's size is the weights' own."""
+    names, classes = spec.label_names, getattr(model, "num_classes", None)
+    if names and isinstance(classes, int) and classes and len(names) != classes:
+        where = ck.config_path or ck.weights
+        raise VitdiagError(
+            f"{where} lists {len(names)} label names but the weights' head has {classes} "
+            "outputs; fix the label names in the file (one per output, in order)."
+        )
 
 
 def _finish(

@@ -15,7 +15,7 @@ import logging
 import pickle
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,11 @@ _SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json"
 # Files other libraries keep beside their weights: read as records, never as timm configs.
 _SIDE_CONFIGS = ("preprocessor_config.json", "open_clip_config.json")
 _WEIGHT_EXTS = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
-_EMA_KEYS = ("state_dict_ema", "model_ema", "ema_state_dict")
+_EMA_KEYS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema")
 _MAIN_KEYS = ("state_dict", "model", "model_state_dict", "module")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# No config vitdiag reads comes near this; a bigger file is a mistake, not a config.
+_MAX_JSON_BYTES = 16 << 20
 
 
 def sha256_file(path: str | Path) -> str:
@@ -69,6 +71,10 @@ class Checkpoint:
     train_args: dict | None = None
     train_args_source: str = ""
     module_hints: dict | None = None
+    # One-line notes on choices the files leave open (which weight file, EMA or plain,
+    # stored precision), for provenance and stderr.
+    notes: list[str] = field(default_factory=list)
+    stored_dtype: str = "float32"
     # Another library's own config (transformers config.json, open_clip_config.json) and
     # preprocessing, for `vitdiag.loading.convert`; None for timm checkpoints.
     source_config: dict | None = None
@@ -80,8 +86,9 @@ def read_source(path: Path, *, ema: bool, unsafe_pickle: bool) -> Checkpoint:
         raise VitdiagError(f"{path}: no such file or directory; check the checkpoint path.")
     if path.is_file() and path.name == "config.json":
         path = path.parent
+    dir_note = ""
     if path.is_dir():
-        weights = _weights_in_dir(path)
+        weights, dir_note = _weights_in_dir(path)
         config_path = path / "config.json"
     else:
         weights = path
@@ -92,6 +99,10 @@ def read_source(path: Path, *, ema: bool, unsafe_pickle: bool) -> Checkpoint:
     obj, fmt = _read_weights(weights, unsafe_pickle=unsafe_pickle)
     ck = _unpack(obj, weights, ema=ema)
     ck.path, ck.fmt = path, fmt if not isinstance(obj, torch.nn.Module) else "pickled-module"
+    if dir_note:
+        ck.notes.insert(0, dir_note)
+    if config is not None:
+        check_config_types(config, config_path)
     if config is not None:
         ck.config, ck.config_path = config, config_path
     _read_side_configs(ck, weights.parent, raw if foreign else None, config_path)
@@ -123,31 +134,116 @@ def _read_side_configs(ck: Checkpoint, folder: Path, foreign: dict | None, path:
             ck.source_config, ck.config_path = data, side
 
 
-def _weights_in_dir(path: Path) -> Path:
+def _weights_in_dir(path: Path) -> tuple[Path, str]:
+    """The folder's weight file, and a note naming the others when there is a choice."""
     for name in _SHARD_INDEXES:
         if (path / name).is_file() and not (path / name.removesuffix(".index.json")).is_file():
-            return path / name
-    for name in _DIR_WEIGHTS:
-        if (path / name).is_file():
-            return path / name
-    for ext in _WEIGHT_EXTS:
-        files = sorted(path.glob(f"*{ext}"))
-        if files:
-            return files[0]
+            return path / name, ""
+    present = [n for n in _DIR_WEIGHTS if (path / n).is_file()]
+    if present:
+        chosen = path / present[0]
+        others = [f.name for f in _weight_files(path) if f.name != present[0]]
+        if not others:
+            return chosen, ""
+        return chosen, (
+            f"{path} holds {', '.join([present[0], *others])}; used {present[0]}, the first in "
+            "vitdiag's order (README 'Checkpoint sources'); give another file's path to use it"
+        )
+    files = _weight_files(path)
+    if len(files) == 1:
+        return files[0], ""
+    if files:
+        raise VitdiagError(
+            f"{path} holds several weight files ({', '.join(f.name for f in files[:4])}) and "
+            "none of them is model.safetensors or pytorch_model.bin; give the path of the one "
+            "to load."
+        )
     raise VitdiagError(
         f"{path} holds no weights file (model.safetensors, pytorch_model.bin or another "
         f"{'/'.join(_WEIGHT_EXTS)} file); put the weights there or point at the weights file."
     )
 
 
+def _weight_files(path: Path) -> list[Path]:
+    out = {f for ext in _WEIGHT_EXTS for f in path.glob(f"*{ext}") if f.is_file()}
+    return sorted(out - {path / n for n in _SHARD_INDEXES})
+
+
 def _read_json(path: Path, fix: str) -> dict:
+    if path.stat().st_size > _MAX_JSON_BYTES:
+        raise VitdiagError(
+            f"{path} is {path.stat().st_size >> 20} MiB, far more than any config; fix {fix}."
+        )
     try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        cfg = json.loads(
+            path.read_bytes().decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constant,
+        )
+    except RecursionError:
+        raise VitdiagError(f"{path} is nested too deeply to be a config; fix {fix}.") from None
+    except (ValueError, UnicodeDecodeError) as e:
         raise VitdiagError(f"{path} is not valid JSON ({one_line(e)}); fix {fix}.") from None
     if not isinstance(cfg, dict):
         raise VitdiagError(f"{path} must hold a JSON object; fix {fix}.")
     return cfg
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    seen: dict = {}
+    for k, v in pairs:
+        if k in seen:
+            raise ValueError(f"key {k!r} appears twice, so which value counts is unclear")
+        seen[k] = v
+    return seen
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+_INT_ARGS = ("num_classes", "depth", "embed_dim", "num_heads", "patch_size", "in_chans")
+
+
+def check_config_types(cfg: dict, path: Path) -> None:
+    """Refuse a timm config whose fields have the wrong type, naming the field."""
+
+    def bad(field_: str, want: str, got: Any) -> VitdiagError:
+        shown = repr(got) if len(repr(got)) <= 40 else repr(got)[:37] + "..."
+        return VitdiagError(f"{path}: {field_} must be {want}, not {shown}; fix the file.")
+
+    arch = cfg.get("architecture")
+    if arch is not None and not isinstance(arch, str):
+        raise bad("'architecture'", "a timm model name", arch)
+    places = (("model_args", cfg["model_args"]), ("", cfg))
+    for where, d in places:
+        for k in _INT_ARGS:
+            v = d.get(k)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise bad(f"{where + '.' if where else ''}{k}", "a non-negative integer", v)
+    pc = cfg["pretrained_cfg"]
+    for k in ("mean", "std"):
+        v = pc.get(k)
+        if v is not None and not (
+            isinstance(v, list) and v and all(_number(x) for x in v) and len(v) <= 4
+        ):
+            raise bad(f"pretrained_cfg.{k}", "a list of per-channel numbers", v)
+    if "std" in pc and isinstance(pc["std"], list) and any(x == 0 for x in pc["std"]):
+        raise bad("pretrained_cfg.std", "non-zero", pc["std"])
+    for k in ("crop_pct",):
+        v = pc.get(k)
+        if v is not None and not (_number(v) and 0 < v <= 4):
+            raise bad(f"pretrained_cfg.{k}", "a number in (0, 4]", v)
+    for k in ("interpolation", "crop_mode"):
+        if pc.get(k) is not None and not isinstance(pc[k], str):
+            raise bad(f"pretrained_cfg.{k}", "a string", pc[k])
+    names = cfg.get("label_names")
+    if names is not None and not (isinstance(names, list) and all(plain(n) for n in names)):
+        raise bad("label_names", "a list of names", names)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _timm_config(cfg: dict, path: Path) -> dict:
@@ -348,6 +444,14 @@ def _unpack(obj: Any, path: Path, *, ema: bool) -> Checkpoint:
         raise VitdiagError(f"{path} holds an empty state dict; save the model's weights.")
     _check_finite(sd, path)
     ck = Checkpoint(path=path, weights=path, fmt="", state_dict=sd, ema=used_ema, ema_note=note)
+    if note:
+        ck.notes.append(note)
+    ck.stored_dtype = _stored_dtype(sd)
+    if ck.stored_dtype != "float32":
+        ck.notes.append(
+            f"the weights are stored as {ck.stored_dtype}; vitdiag upcasts them and computes "
+            "in float32"
+        )
     if args:
         ck.train_args, ck.train_args_source = args, "training args saved in the checkpoint"
     ck.module_hints = hints
@@ -365,9 +469,17 @@ def _pick_weights(obj: dict, path: Path, *, ema: bool) -> tuple[str, bool, str]:
         )
     if ema_key is not None and (ema or main_key is None):
         note = "" if ema else f"the file holds only EMA weights ({ema_key}), so those were used"
+        if ema and main_key is not None:
+            note = f"used the EMA weights ({ema_key}, --ema), not the plain ones ({main_key})"
         return ema_key, True, note
     if main_key is not None:
-        return main_key, False, ""
+        note = ""
+        if ema_key is not None:
+            note = (
+                f"the file holds plain ({main_key}) and EMA ({ema_key}) weights; used the "
+                "plain ones (pass --ema for the EMA ones)"
+            )
+        return main_key, False, note
     shown = ", ".join(sorted(map(str, obj))[:6])
     raise VitdiagError(
         f"{path} holds a dict ({shown}) with no state dict under "
@@ -388,6 +500,14 @@ def _check_finite(sd: dict[str, torch.Tensor], path: Path) -> None:
                 f"{path}: tensor {name!r} holds {bad} {what} value(s) of {t.numel()}; the "
                 "training diverged or the file is damaged, so use an earlier checkpoint."
             )
+
+
+def _stored_dtype(sd: dict[str, torch.Tensor]) -> str:
+    """The floating dtype(s) of the weights as stored, e.g. 'float16' or 'bfloat16+float32'."""
+    kinds = sorted(
+        {str(t.dtype).removeprefix("torch.") for t in sd.values() if t.is_floating_point()}
+    )
+    return "+".join(kinds) or "float32"
 
 
 def _is_state_dict(d: dict) -> bool:

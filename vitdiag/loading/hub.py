@@ -144,7 +144,9 @@ def fetch(text: str) -> HubSnapshot:
     env = _HubEnv.from_environ()
     ref = _parse(text.strip())
     folder = _snapshot(ref.repo_id, ref.ref, list(CONFIG_FILES), env)
+    _check_links(folder, ref.repo_id)
     kind, weights = _find_weights(folder, ref, env)
+    _check_links(folder, ref.repo_id)
     config = _read_json(folder / "config.json")
     arch = ref.arch or (config.get("architecture") if kind == "timm-hub" else None)
     return HubSnapshot(
@@ -288,6 +290,13 @@ def _explain(error: Exception, repo_id: str, revision: str, env: _HubEnv) -> Exc
 def _not_cached(repo_id: str, revision: str, env: _HubEnv) -> VitdiagError:
     repo_dir = env.cache_dir / ("models--" + repo_id.replace("/", "--"))
     cached = _cached_revisions(repo_dir)
+    dangling = _dangling_ref(repo_dir, revision)
+    if dangling is not None:
+        return VitdiagError(
+            f"{repo_dir / 'refs' / revision} names snapshot {dangling}, which is missing from "
+            f"{repo_dir / 'snapshots'}; the cache is incomplete, so download {repo_id} again "
+            "(unset HF_HUB_OFFLINE and go online)."
+        )
     if cached:
         return VitdiagError(
             f"revision '{revision}' of {repo_id} is not in the cache at {env.cache_dir} (cached: "
@@ -295,6 +304,32 @@ def _not_cached(repo_id: str, revision: str, env: _HubEnv) -> VitdiagError:
             "download it."
         )
     return VitdiagError(f"{repo_id} is not in the Hugging Face cache: {env.settings()}.")
+
+
+def _check_links(folder: Path, repo_id: str) -> None:
+    """A snapshot file whose blob is gone (an interrupted download, a pruned cache) is named,
+    rather than taken for a file the repo does not have."""
+    names = {*CONFIG_FILES, *(n for files in WEIGHTS_BY_KIND.values() for n in files)}
+    for name in sorted(names):
+        path = folder / name
+        if path.is_symlink() and not path.exists():
+            raise VitdiagError(
+                f"{path} in the cached snapshot of {repo_id} links to a blob that is missing; "
+                "the cache is incomplete, so download it again (unset HF_HUB_OFFLINE, or run "
+                f"`hf download {repo_id}` online)."
+            )
+
+
+def _dangling_ref(repo_dir: Path, revision: str) -> str | None:
+    """The commit a cached ref names when its snapshot folder is missing."""
+    ref = repo_dir / "refs" / revision
+    if not ref.is_file():
+        return None
+    try:
+        commit = ref.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return "?"
+    return None if (repo_dir / "snapshots" / commit).is_dir() else commit
 
 
 def _cached_revisions(repo_dir: Path) -> list[str]:

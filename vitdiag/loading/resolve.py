@@ -162,6 +162,7 @@ def _from_conversion(
     argument the weights depend on; --model-arg still overrides any of them."""
     kind, out = converted
     where = ck.config_path.name if ck.config_path else "the tensor names"
+    _check_declared_head(ck, out.model_args)
     rec = read_records(ck, model_args, native)
     kwargs = dict(out.model_args)
     size = kwargs.pop("img_size", None)
@@ -200,6 +201,20 @@ def _from_conversion(
         source_kind=kind,
         eps_source=f"{kind} {eps.source if eps else where}",
     )
+
+
+def _check_declared_head(ck: Checkpoint, model_args: dict) -> None:
+    """A transformers config that declares an image classifier promises its head; weights
+    without one would be evaluated as a headless backbone, so they are refused."""
+    declared = (ck.source_config or {}).get("architectures")
+    if not isinstance(declared, list) or model_args.get("num_classes", 0):
+        return
+    heads = [a for a in declared if isinstance(a, str) and a.endswith("ForImageClassification")]
+    if heads:
+        raise VitdiagError(
+            f"{ck.config_path} declares {heads[0]} but {ck.weights.name} holds no classifier "
+            "tensors (classifier.weight); the weights are incomplete, so copy them again."
+        )
 
 
 def _label_names(config: dict | None) -> list[str] | None:
