@@ -19,7 +19,7 @@ from vitdiag.errors import VitdiagError
 if TYPE_CHECKING:
     from vitdiag.data import ImageSource
     from vitdiag.settings import Settings
-    from vitdiag.studies.trend import ModelOptions, TrendRun
+    from vitdiag.studies.trend import ModelOptions, Row, TrendRun, WatchOptions
     from vitdiag.validation import Output
 
 Checkpoints = Annotated[
@@ -63,6 +63,36 @@ WandbMode = Annotated[
 ]
 
 
+WatchDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--watch",
+        metavar="DIR",
+        help="Follow a running timm train.py output folder: measure each checkpoint-N file "
+        "once it is complete (size and mtime unchanged over two polls, and readable; those "
+        "already there first; last/model_best copies are left out) and rewrite the outputs "
+        "after each. Ends after --max-checkpoints or at Ctrl-C, which exits 0 with everything "
+        "measured written (130 when nothing was measured yet).",
+        show_default=False,
+    ),
+]
+Poll = Annotated[
+    float,
+    typer.Option(
+        "--poll", metavar="SECONDS", help="With --watch: seconds between looks.", min=0.01
+    ),
+]
+MaxCheckpoints = Annotated[
+    int | None,
+    typer.Option(
+        "--max-checkpoints",
+        metavar="N",
+        help="With --watch: stop after N checkpoints are measured (default: at Ctrl-C).",
+        min=1,
+    ),
+]
+
+
 @shared("model", "images", "interpolation", "crop_pct", "runtime", "probes")
 def trend(
     ckpts: Checkpoints = None,
@@ -100,6 +130,9 @@ def trend(
     mlflow: MlflowUri = None,
     wandb: WandbProject = None,
     wandb_mode: WandbMode = None,
+    watch: WatchDir = None,
+    poll: Poll = 10.0,
+    max_checkpoints: MaxCheckpoints = None,
     opts: Shared = None,
 ) -> None:
     """Run the probes on every checkpoint of a run (or read a Tracker's log) and plot them
@@ -107,7 +140,8 @@ def trend(
     from vitdiag.distributed import is_main_process
     from vitdiag.validation import Output
 
-    named = _runs(ckpts, run)
+    watching = _watch_options(watch, poll, max_checkpoints, ckpts or run, from_log, opts.json_out)
+    named = [("", [str(watch)])] if watching else _runs(ckpts, run)
     if wandb_mode not in (None, "online", "offline", "disabled"):
         raise VitdiagError(
             f"--wandb-mode {wandb_mode!r} is not a W&B mode; give online, offline or disabled."
@@ -120,12 +154,21 @@ def trend(
         wanted, size_list, settings = opts.probe_run(
             "trend", probes=probes, sizes=sizes, data=data, val=val
         )
-        found = _checkpoints(named, outputs, [data, val], out=out, force=force)
+        if watching:
+            _check_watched(watch, outputs, [data, val], out=out, force=force)
+        else:
+            found = _checkpoints(named, outputs, [data, val], out=out, force=force)
         model = _model_options(opts)
         sources = _open(data, val, settings)
-        runs = _from_checkpoints(model, found, sources, wanted, size_list, settings)
+        if watching:
+            written = {"out": out, "plots": plots, "json_out": opts.json_out}
+            runs = _watch(watch, watching, model, sources, wanted, size_list, settings, written)
+        else:
+            runs = _from_checkpoints(model, found, sources, wanted, size_list, settings)
     if is_main_process():
-        _write(runs, out, plots=plots, force=force, json_out=opts.json_out)
+        if not watching:
+            _write(runs, out, plots=plots, force=force, json_out=opts.json_out)
+        _say(runs, out, opts.json_out)
         _log(runs, mlflow, wandb, wandb_mode)
 
 
@@ -233,15 +276,24 @@ def _from_checkpoints(
 def _write(
     runs: list[TrendRun], out: Path | None, *, plots: bool, force: bool, json_out: Path | None
 ) -> None:
-    """trend.json, trend.md and the PNGs (with --out), a line per run, and --json."""
+    """trend.json, trend.md and the PNGs (with --out), and --json."""
     from vitdiag import __version__
-    from vitdiag.report import console, write_trend
-    from vitdiag.results import dumps, json_to_stdout, write_json_text
+    from vitdiag.report import write_trend
+    from vitdiag.results import dumps, write_json_text
     from vitdiag.studies import trend as study
 
     text = dumps(study.trend_document(runs))
     if out is not None:
         write_trend(out, runs, text, version=__version__, plots=plots, force=force)
+    if json_out is not None:
+        write_json_text(text, json_out)
+
+
+def _say(runs: list[TrendRun], out: Path | None, json_out: Path | None) -> None:
+    """A line per run and its notes, and where the trend is."""
+    from vitdiag.report import console
+    from vitdiag.results import json_to_stdout
+
     con = console(stderr=json_to_stdout(json_out))
     for r in runs:
         con.print(f"{r.name or 'run'}: {len(r.rows)} point(s), ordered by {r.order_by}")
@@ -249,8 +301,102 @@ def _write(
             con.print(f"note: {note}")
     if out is not None:
         con.print(f"trend written to {out / 'trend.md'}")
-    if json_out is not None:
-        write_json_text(text, json_out)
+
+
+def _watch_options(
+    watch: Path | None,
+    poll: float,
+    max_checkpoints: int | None,
+    given: list[str] | None,
+    from_log: bool,
+    json_out: Path | None,
+) -> WatchOptions | None:
+    """The --watch options, None without --watch; what --watch cannot go with is refused."""
+    from vitdiag.studies.trend import WatchOptions
+
+    if watch is None:
+        if max_checkpoints is not None or poll != 10.0:
+            raise VitdiagError("--poll and --max-checkpoints go with --watch DIR; add it.")
+        return None
+    if given or from_log:
+        raise VitdiagError(
+            "--watch DIR follows one training folder; give no checkpoints, --run or --from-log "
+            "with it."
+        )
+    if json_out is not None and str(json_out) == "-":
+        raise VitdiagError(
+            "--watch rewrites its outputs, so --json - cannot go with it; give a file."
+        )
+    if not watch.is_dir():
+        raise VitdiagError(
+            f"--watch {watch} is not a folder; give train.py's output folder (it creates it "
+            "when training starts)."
+        )
+    return WatchOptions(poll=poll, max_checkpoints=max_checkpoints)
+
+
+def _check_watched(
+    watch: Path,
+    outputs: list[Output],
+    data_paths: list[str | None],
+    *,
+    out: Path | None,
+    force: bool,
+) -> None:
+    """The outputs checked against the watched folder and the data, and --out prepared."""
+    from vitdiag.distributed import is_distributed
+    from vitdiag.report import prepare_out
+    from vitdiag.validation import check_outputs
+
+    if is_distributed():
+        raise VitdiagError("--watch runs in one process; start it without torchrun.")
+    check_outputs(outputs, [str(watch), *data_paths], force=force)
+    if out is not None:
+        prepare_out(out, force)
+
+
+def _watch(
+    watch: Path,
+    options: WatchOptions,
+    model: ModelOptions,
+    sources: tuple[ImageSource | None, ImageSource | None],
+    wanted: set[str] | None,
+    sizes: list[int] | None,
+    settings: Settings,
+    written: dict,
+) -> list[TrendRun]:
+    """Each complete checkpoint measured, and the outputs rewritten whole after each (the
+    folder is this command's own by then, so it is replaced); Ctrl-C ends the watch."""
+    from vitdiag.report import console
+    from vitdiag.studies import trend as study
+
+    con = console()
+
+    def update(run: TrendRun, row: Row) -> None:
+        _write([run], force=True, **written)
+        con.print(f"measured {row.label} (epoch {row.epoch}): {len(run.rows)} checkpoint(s)")
+
+    source, val_source = sources
+    run = study.watch_run(
+        watch,
+        source,
+        val_source=val_source,
+        probes=wanted,
+        sizes=sizes,
+        settings=settings,
+        model=model,
+        watch=options,
+        on_update=update,
+    )
+    if run.interrupted and not run.rows:
+        raise KeyboardInterrupt  # nothing measured: the CLI's "interrupted", exit 130
+    if run.interrupted:
+        typer.echo(
+            f"interrupted: stopped watching {watch} after {len(run.rows)} checkpoint(s), "
+            "all written",
+            err=True,
+        )
+    return [run]
 
 
 def _runs(ckpts: list[str] | None, run: list[str] | None) -> list[tuple[str, list[str]]]:

@@ -14,11 +14,15 @@ without checkpoints (`read_log`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import glob
 import math
 import re
+import signal
+import stat
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -62,6 +66,7 @@ class TrendRun:
     data: dict = field(default_factory=dict)
     seconds: float = 0.0
     world_size: int = 1
+    interrupted: bool = False  # a watch ended by Ctrl-C (SIGINT)
 
 
 # --------------------------------------------------------------------------- finding
@@ -318,37 +323,17 @@ def trend_run(
     model: ModelOptions | None = None,
 ) -> TrendRun:
     """Order `paths` and run the probes on each checkpoint: one `Row` per checkpoint."""
-    from vitdiag.model import describe
-    from vitdiag.runner import Settings, run_all
+    from vitdiag.runner import Settings
 
     model = model or ModelOptions()
     settings = settings or Settings()
     ordered, how, notes = order_checkpoints(paths, unsafe_pickle=model.unsafe_pickle)
     run = TrendRun(name, how, notes=list(notes))
-    shared = SharedModel(model)
+    measure = Measure(SharedModel(model), source, val_source, probes, sizes, settings)
     labels = labels_of([p for p, _ in ordered])
     start = time.perf_counter()
     for i, ((path, epoch), label) in enumerate(zip(ordered, labels, strict=True)):
-        loaded, reused = shared(path)
-        s = dataclasses.replace(settings, label=label)
-        results = run_all(
-            loaded, source, probes=probes, val_source=val_source, sizes=sizes, settings=s
-        )
-        run.rows.append(
-            Row(
-                label=label,
-                epoch=epoch,
-                x=float(epoch) if epoch is not None else float(i),
-                metrics=flatten(results),
-                path=str(path),
-                results=list(results),
-                model=describe(loaded),
-                skipped=dict(results.skipped),
-                reused=reused,
-            )
-        )
-        run.data = run.data or dict(results.data)
-        run.world_size = results.world_size
+        run.rows.append(measure(run, path, epoch, label, i))
     run.seconds = time.perf_counter() - start
     if all(_ALIASES.fullmatch(_stem(p)) for p, _ in ordered):
         names = ", ".join(p.name for p, _ in ordered)
@@ -356,13 +341,220 @@ def trend_run(
             f"only {names} (a copy train.py keeps, not a numbered checkpoint) is there, so the "
             "trend has no more points than that; keep checkpoint-N files for a trend."
         )
-    rebuilt = sum(1 for r in run.rows[1:] if not r.reused)
-    if rebuilt:
-        run.notes.append(
-            f"{rebuilt} checkpoint(s) could not share the previous one's model (another "
-            "architecture, arguments or size), so they were loaded separately."
-        )
+    run.notes += rebuilt_notes(run)
     return run
+
+
+@dataclass
+class Measure:
+    """The probes on one checkpoint as a `Row` of `run` (whose data and world size it sets;
+    the caller appends the row): the one measurement `trend_run` and `watch_run` share."""
+
+    shared: SharedModel
+    source: Any
+    val_source: Any
+    probes: set[str] | None
+    sizes: Sequence[int] | None
+    settings: Any
+
+    def __call__(self, run: TrendRun, path: Path, epoch: int | None, label: str, i: int) -> Row:
+        from vitdiag.model import describe
+        from vitdiag.runner import run_all
+
+        loaded, reused = self.shared(path)
+        s = dataclasses.replace(self.settings, label=label)
+        results = run_all(
+            loaded,
+            self.source,
+            probes=self.probes,
+            val_source=self.val_source,
+            sizes=self.sizes,
+            settings=s,
+        )
+        row = Row(
+            label=label,
+            epoch=epoch,
+            x=float(epoch) if epoch is not None else float(i),
+            metrics=flatten(results),
+            path=str(path),
+            results=list(results),
+            model=describe(loaded),
+            skipped=dict(results.skipped),
+            reused=reused,
+        )
+        run.data = run.data or dict(results.data)
+        run.world_size = results.world_size
+        return row
+
+
+def rebuilt_notes(run: TrendRun) -> list[str]:
+    rebuilt = sum(1 for r in run.rows[1:] if not r.reused)
+    if not rebuilt:
+        return []
+    return [
+        f"{rebuilt} checkpoint(s) could not share the previous one's model (another "
+        "architecture, arguments or size), so they were loaded separately."
+    ]
+
+
+# --------------------------------------------------------------------------- watching
+
+
+@dataclass
+class WatchOptions:
+    poll: float = 10.0  # seconds between looks at the folder
+    max_checkpoints: int | None = None  # stop after this many are measured; None: until Ctrl-C
+
+
+def watch_candidates(folder: Path) -> dict[Path, tuple[int, int]]:
+    """The numbered checkpoint files in `folder` now, each with (size, mtime_ns). train.py's
+    last/model_best/tmp copies are left out: each repeats a numbered one, and last.pth.tar is
+    rewritten every epoch."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError as e:
+        raise VitdiagError(
+            f"--watch {folder} cannot be read ({e.strerror}); give train.py's output folder."
+        ) from None
+    found = {}
+    for p in entries:
+        if p.name.startswith(".") or not p.name.endswith(_SUFFIXES):
+            continue
+        if _ALIASES.fullmatch(_stem(p)):
+            continue
+        try:
+            st = p.stat()
+        except OSError:
+            continue  # removed since the listing (train.py keeps only the best few)
+        if stat.S_ISREG(st.st_mode):
+            found[p] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+class Watcher:
+    """Gives each checkpoint file in a folder once, when it is complete: non-empty, its size
+    and mtime unchanged over two consecutive looks, and readable (its epoch can be read). A file
+    that stops changing but cannot be read is tried again once it changes."""
+
+    def __init__(self, folder: Path, unsafe_pickle: bool = False) -> None:
+        self.folder, self.unsafe_pickle = folder, unsafe_pickle
+        self.seen: dict[Path, tuple[int, int]] = {}
+        self.given: set[Path] = set()
+        self.unreadable: dict[Path, tuple[int, int]] = {}
+        self.notes: list[str] = []
+
+    def complete(self) -> list[tuple[Path, int | None, bool]]:
+        """(path, epoch, whether the file records it) of the files complete since the last
+        look, by epoch (recorded, else the number in the name)."""
+        now = watch_candidates(self.folder)
+        stable = [
+            p
+            for p, sig in sorted(now.items(), key=lambda ps: _natural(ps[0].name))
+            if sig[0] > 0
+            and self.seen.get(p) == sig
+            and p not in self.given
+            and self.unreadable.get(p) != sig
+        ]
+        self.seen = now
+        found = []
+        for p in stable:
+            try:
+                recorded = recorded_epoch(p, unsafe_pickle=self.unsafe_pickle)
+            except VitdiagError as e:
+                self.unreadable[p] = now[p]
+                self.notes.append(f"{p.name} stopped changing but is not readable ({e}).")
+                continue
+            self.given.add(p)
+            epoch = recorded if recorded is not None else name_number(p)
+            found.append((p, epoch, recorded is not None))
+        return sorted(found, key=lambda f: (f[1] is None, f[1] or 0))
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Ctrl-C (SIGINT) inside the block takes effect when it ends, so a write it would cut
+    short finishes first. Only the main thread can set signal handlers; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(signal.SIGINT, None)
+
+
+def watch_run(
+    folder: Path,
+    source: Any,
+    *,
+    val_source: Any = None,
+    probes: set[str] | None = None,
+    sizes: Sequence[int] | None = None,
+    settings: Any = None,
+    model: ModelOptions | None = None,
+    watch: WatchOptions | None = None,
+    on_update: Any = None,
+    name: str = "",
+) -> TrendRun:
+    """Follow a training run's output folder: measure each checkpoint once it is complete
+    (those already there first), keep the rows in epoch order and call `on_update(run, row)`
+    after each new `row`, with Ctrl-C held until it returns, so what it writes is whole. Ends after
+    `watch.max_checkpoints` rows or at Ctrl-C (then `run.interrupted`, the rows so far)."""
+    from vitdiag.runner import Settings
+
+    model, watch = model or ModelOptions(), watch or WatchOptions()
+    run = TrendRun(name, BY_EPOCH)
+    measure = Measure(SharedModel(model), source, val_source, probes, sizes, settings or Settings())
+    watcher = Watcher(Path(folder), model.unsafe_pickle)
+    recorded: list[bool] = []
+    start = time.perf_counter()
+
+    def more() -> bool:
+        return watch.max_checkpoints is None or len(run.rows) < watch.max_checkpoints
+
+    try:
+        while more():
+            for path, epoch, has_epoch in watcher.complete():
+                if not more():
+                    break
+                row = _measure_present(measure, run, path, epoch)
+                if row is None:
+                    continue
+                with interrupts_held():
+                    run.rows.append(row)
+                    run.rows.sort(key=lambda r: r.x)
+                    recorded.append(has_epoch)
+                    run.order_by = _watch_order(recorded, run.rows)
+                    run.notes = [*watcher.notes, *rebuilt_notes(run)]
+                    run.seconds = time.perf_counter() - start
+                    if on_update is not None:
+                        on_update(run, row)
+            if more():
+                time.sleep(watch.poll)
+    except KeyboardInterrupt:
+        run.interrupted = True
+    return run
+
+
+def _measure_present(measure: Measure, run: TrendRun, path: Path, epoch: int | None) -> Any:
+    """The row of `path`, None when train.py removed the file before it was read (it keeps
+    only the best few checkpoints)."""
+    try:
+        return measure(run, path, epoch, path.name, len(run.rows))
+    except VitdiagError:
+        if path.exists():
+            raise
+        return None
+
+
+def _watch_order(recorded: list[bool], rows: list[Row]) -> str:
+    if all(recorded):
+        return BY_EPOCH
+    return BY_NAME if all(r.epoch is not None for r in rows) else BY_GIVEN
 
 
 def log_runs(runs: Sequence[TrendRun], make_writer: Any) -> None:
