@@ -543,3 +543,22 @@ def test_fixture_checkpoint_is_decided_by_its_config():
     loaded = load(path)
     assert "config.json" in loaded.provenance["decided_by"]
     assert loaded.native_size == (32, 32) and loaded.img_size == (32, 32)
+
+
+def test_random_init_of_a_live_module_is_the_same_network_redrawn():
+    # A live module records no build arguments: the reference must keep its depth and patch size.
+    from vitdiag.model import from_module, random_init_like
+
+    net = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10
+    ).eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    ref = random_init_like(from_module(net), seed=3).model
+    shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in before.items()}
+    assert not torch.equal(
+        ref.state_dict()["blocks.0.attn.qkv.weight"], before["blocks.0.attn.qkv.weight"]
+    )
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # untouched
+    again = random_init_like(from_module(net), seed=3).model
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in ref.state_dict().items())

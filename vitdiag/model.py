@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from copy import deepcopy as copy_module
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,9 +150,31 @@ def random_init_like(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
     network's P(h) and NC1 are compared with (docs/FINDINGS.md)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, _ = build(loaded.arch, dict(loaded.build_kwargs), loaded.img_size, overlay={})
+        if loaded.provenance.get("format") == "live module":
+            # A live module's build arguments are not recorded (depth, patch size, widths): the
+            # named architecture at its defaults would be another network, so re-initialise a copy.
+            model = _reinitialised_copy(loaded.model)
+        else:
+            model, _ = build(loaded.arch, dict(loaded.build_kwargs), loaded.img_size, overlay={})
     provenance = {**loaded.provenance, "format": "random", "seed": seed, "sha256": None}
     return dataclasses.replace(loaded, model=model, state_dict=None, provenance=provenance)
+
+
+def _reinitialised_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module` with its own initialisation drawn again (timm's `init_weights` where
+    the model has one, else every submodule's `reset_parameters`), on the CPU."""
+    copy = copy_module(module).to("cpu")
+    for p in copy.parameters():
+        p.grad = None
+    init = getattr(copy, "init_weights", None)
+    if callable(init):
+        init()
+    else:
+        for sub in copy.modules():
+            reset = getattr(sub, "reset_parameters", None)
+            if callable(reset):
+                reset()
+    return copy.eval()
 
 
 def valid_sizes_near(loaded: LoadedModel, size: int) -> list[int]:
