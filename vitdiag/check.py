@@ -336,12 +336,22 @@ def _line_of(lines: Sequence[str], text: str, after: int) -> int | None:
     return None
 
 
-def _resolve_data(value: str, base: Path) -> str:
+def _resolve_data(value: str, base: Path, config: Path, key: str) -> str:
     # Paths are relative to the config file (CI runs from anywhere); specs like
     # "synthetic:16" or "torch/cifar10:ROOT" do not exist on disk and pass through.
     p = Path(value).expanduser()
-    if not p.is_absolute() and (base / p).exists():
+    if p.is_absolute():
+        return value
+    if (base / p).exists():
         return str(base / p)
+    if p.exists() and Path.cwd().resolve() != base:
+        # found only from the working directory: reading it would make the result depend on
+        # where CI happens to start
+        raise VitdiagError(
+            f"{config}: {key} = {value!r} is not found next to the config ({base / p}); paths "
+            "in a config are relative to its folder: write it from there or give an absolute "
+            "path."
+        )
     return value
 
 
@@ -374,8 +384,8 @@ def load_config(path: Path | str) -> CheckConfig:
     return CheckConfig(
         path=path,
         checks=_thresholds(path, raw, values.get("checks"), section),
-        data=_resolve_data(values["data"], base) if "data" in values else None,
-        train=_resolve_data(values["train"], base) if "train" in values else None,
+        data=_resolve_data(values["data"], base, path, "data") if "data" in values else None,
+        train=_resolve_data(values["train"], base, path, "train") if "train" in values else None,
         sizes=_sizes(path, values.get("sizes", [])),
         options={k: v for k, v in values.items() if k not in (*_OWN_TYPES, "checks")},
         practical=_practical(path, values.get("findings", {})),

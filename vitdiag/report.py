@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from vitdiag.errors import VitdiagError
-from vitdiag.results import Result, document, dumps, json_to_stdout, jsonable, write_json_text
+from vitdiag.results import (
+    Result,
+    document,
+    dumps,
+    json_to_stdout,
+    jsonable,
+    write_json_text,
+    writing,
+)
 
 
 def fmt(value: Any) -> str:
@@ -357,27 +365,28 @@ def write_folder(out: Path, fill, force: bool) -> None:
     out = Path(out)
     prepare_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    old = None
-    try:
-        fill(tmp)
-        # mkdtemp and write_atomic's temporary files are private (0700/0600); a report is for
-        # reading, by CI artifact viewers too.
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        if out.exists():
-            if any(out.iterdir()):
-                old = out.with_name(f".{out.name}.old-{os.getpid()}")
-                os.rename(out, old)
-            else:
-                out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.rename(old, out)
-        raise
+    with writing(out):
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        old = None
+        try:
+            fill(tmp)
+            # mkdtemp and write_atomic's temporary files are private (0700/0600); a report is for
+            # reading, by CI artifact viewers too.
+            os.chmod(tmp, 0o755)
+            for f in tmp.iterdir():
+                os.chmod(f, 0o644)
+            if out.exists():
+                if any(out.iterdir()):
+                    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                    os.rename(out, old)
+                else:
+                    out.rmdir()
+            os.rename(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and not out.exists():
+                os.rename(old, out)
+            raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

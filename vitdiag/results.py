@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import stat
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from vitdiag.errors import VitdiagError
 
 SCHEMA_VERSION = 1
 
@@ -57,19 +63,61 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file through a temporary sibling and a rename, so no half-written file remains."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def write_error(path: Path | str, exc: OSError) -> VitdiagError:
+    """The one-line error for an output that could not be written (full disk, read-only, ...)."""
+    reason = {
+        errno.ENOSPC: "no space left",
+        errno.EDQUOT: "the disk quota is exhausted",
+        errno.EFBIG: "the file size limit was reached",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+    }.get(exc.errno, exc.strerror or type(exc).__name__)
+    return VitdiagError(
+        f"{reason} writing {path}; free some space or choose another path (nothing was written)."
+    )
+
+
+@contextlib.contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """Turn an OSError raised while writing `path` into the one-line VitdiagError."""
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        yield
+    except OSError as exc:
+        raise write_error(path, exc) from None
+
+
+def _special(path: Path) -> bool:
+    # /dev/null, /dev/stdout, a FIFO: written in place; renaming over one would replace the
+    # device itself (as root, /dev is writable).
+    try:
+        return path.exists() and not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file through a temporary sibling and a rename, so no half-written file remains.
+
+    A device or FIFO (``/dev/null``) is written in place. An OSError (full disk, read-only
+    folder) becomes a VitdiagError naming the path; no temporary file remains.
+    """
+    path = Path(path)
+    with writing(path):
+        if _special(path):
+            with open(path, "wb") as fh:
+                fh.write(data)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def document(command: str, results: list[Result], model: dict | None, data: dict | None) -> dict:

@@ -98,6 +98,10 @@ def option(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MIS
     return field(default=default, default_factory=factory, metadata={"option": Option(**how)})
 
 
+MAX_BATCH = 65536
+MAX_WORKERS = 128
+
+
 def _workers() -> int:
     return hardware.DEFAULT_WORKERS
 
@@ -120,8 +124,9 @@ class Settings:
         type=int,
         help="Images per forward pass.",
         panel=DATA,
-        valid=lambda v: v >= 1,
-        want="at least 1, e.g. 64",
+        # bounded so a typo cannot ask the loader for a batch larger than any memory
+        valid=lambda v: 1 <= v <= MAX_BATCH,
+        want=f"between 1 and {MAX_BATCH}, e.g. 64",
         groups=_IMAGES,
     )
     workers: int = option(
@@ -132,8 +137,9 @@ class Settings:
         groups=_IMAGES,
         help="Processes that decode and augment images while the model runs (0: in this "
         "process). Default: half the CPUs, at most 8.",
-        valid=lambda v: v >= 0,
-        want="0 (load in this process) or more",
+        # bounded so a typo (10**6) cannot fork a million loader processes
+        valid=lambda v: 0 <= v <= MAX_WORKERS,
+        want=f"0 (load in this process) or more, up to {MAX_WORKERS}",
         default_text="half the CPUs, at most 8",
     )
     limit: int | None = option(

@@ -104,7 +104,9 @@ def check_outputs(
                     f"{what} would overwrite the input {text}; choose another path "
                     "(vitdiag never writes over its inputs)."
                 )
-            if src.is_dir() and src in path.parents and (out.folder or path.exists()):
+            # A new file inside an input folder is refused too: a PNG in the data folder
+            # would become an image, a .pth in a checkpoint folder a second weight file.
+            if src.is_dir() and src in path.parents:
                 raise VitdiagError(
                     f"{what} lies inside the input folder {text}; choose a path outside it."
                 )
@@ -153,6 +155,13 @@ def parse_sizes(text: str, option: str = "--sizes") -> list[int]:
         ) from None
     if not sizes or any(s <= 0 for s in sizes):
         raise VitdiagError(f"{option} needs positive sizes in pixels, e.g. 224,384.")
+    twice = sorted({s for s in sizes if sizes.count(s) > 1})
+    if twice:
+        # a size measured twice would be a second row with the same name in every table
+        raise VitdiagError(
+            f"{option} {text!r} lists {', '.join(map(str, twice))} more than once; give each "
+            "size once."
+        )
     return sizes
 
 

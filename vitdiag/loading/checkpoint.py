@@ -203,6 +203,11 @@ def _no_constant(name: str) -> Any:
 
 
 _INT_ARGS = ("num_classes", "depth", "embed_dim", "num_heads", "patch_size", "in_chans")
+_STAGED_ARGS = ("depth", "embed_dim", "num_heads", "patch_size")
+
+
+def _count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def check_config_types(cfg: dict, path: Path) -> None:
@@ -219,8 +224,12 @@ def check_config_types(cfg: dict, path: Path) -> None:
     for where, d in places:
         for k in _INT_ARGS:
             v = d.get(k)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-                raise bad(f"{where + '.' if where else ''}{k}", "a non-negative integer", v)
+            # Staged models (PiT) give depth, widths and heads per stage, patch_size may be (h, w).
+            items = v if isinstance(v, list) and v and k in _STAGED_ARGS else [v]
+            if v is not None and not all(_count(x) for x in items):
+                staged = " or a list of them" if k in _STAGED_ARGS else ""
+                want = "a non-negative integer" + staged
+                raise bad(f"{where + '.' if where else ''}{k}", want, v)
     pc = cfg["pretrained_cfg"]
     for k in ("mean", "std"):
         v = pc.get(k)

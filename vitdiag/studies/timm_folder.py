@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -16,6 +17,7 @@ import torch
 from vitdiag.errors import VitdiagError
 from vitdiag.families import family_of
 from vitdiag.posembed import as_hw
+from vitdiag.results import writing
 
 if TYPE_CHECKING:
     from vitdiag.model import LoadedModel
@@ -127,6 +129,19 @@ def _state_dict(model: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
+def _save_safetensors(save_file: Callable, state: dict, path: Path, metadata: dict) -> None:
+    # safetensors wraps a full disk or a size limit in its own error type; give it back as the
+    # OSError it is, so `writing` names it in one line
+    try:
+        save_file(state, str(path), metadata=metadata)
+    except Exception as exc:
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code)) from None
+
+
 def write_checkpoint(
     model: Any,
     out: Path,
@@ -150,34 +165,35 @@ def write_checkpoint(
     out = Path(out).expanduser()
     parent = out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    old: Path | None = None
-    try:
-        state = _state_dict(model)
-        if fmt == "safetensors":
-            from safetensors.torch import save_file
+    with writing(out):
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp"))
+        umask = os.umask(0)
+        os.umask(umask)
+        old: Path | None = None
+        try:
+            state = _state_dict(model)
+            if fmt == "safetensors":
+                from safetensors.torch import save_file
 
-            save_file(state, str(tmp / "model.safetensors"), metadata=metadata)
-        else:
-            torch.save(state, tmp / "model.pth")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        # mkdtemp makes a private (0700) folder; the result should look like any other output
-        os.chmod(tmp, 0o777 & ~umask)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-        if verify is not None:
-            verify(tmp)
-        if out.exists() or out.is_symlink():
-            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.", suffix=".old"))
-            os.replace(out, old / "previous")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / "previous").exists() and not out.exists():
-            os.replace(old / "previous", out)
-        raise
+                _save_safetensors(save_file, state, tmp / "model.safetensors", metadata)
+            else:
+                torch.save(state, tmp / "model.pth")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            # mkdtemp makes a private (0700) folder; the result should look like any other output
+            os.chmod(tmp, 0o777 & ~umask)
+            for f in tmp.iterdir():
+                os.chmod(f, 0o666 & ~umask)
+            if verify is not None:
+                verify(tmp)
+            if out.exists() or out.is_symlink():
+                old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.", suffix=".old"))
+                os.replace(out, old / "previous")
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and (old / "previous").exists() and not out.exists():
+                os.replace(old / "previous", out)
+            raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out
