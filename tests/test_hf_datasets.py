@@ -342,3 +342,12 @@ def test_cli_evaluates_a_saved_dataset_dict(spelled, folder_numbers):
     metrics = doc["results"][0]["metrics"]
     assert metrics["n_images"] == len(IMAGES)
     assert metrics["top1"] == folder_numbers["eval"]["top1"]
+
+
+@pytest.mark.parametrize("option", ["image_column", "label_column"])
+def test_column_options_on_a_folder_are_refused_not_ignored(option):
+    with pytest.raises(VitdiagError) as err:
+        open_dataset(str(VAL), **{option: "label"})
+    text = str(err.value)
+    assert "\n" not in text and "Hugging Face datasets only" in text
+    assert f"--{option.replace('_', '-')}" in text

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from vitdiag.data import hf, wds
 from vitdiag.data.sources import ImageSource, open_local
+from vitdiag.errors import VitdiagError
 
 
 def open_dataset(
@@ -34,6 +35,15 @@ def open_dataset(
     if found is None:
         found = wds.open_wds(text, strict=strict, split=split)
     if found is None:
+        given = [
+            f for f, v in (("--image-column", image_column), ("--label-column", label_column)) if v
+        ]
+        if given:
+            # Ignoring them would read other labels than the user named.
+            raise VitdiagError(
+                f"{' and '.join(given)} apply to Hugging Face datasets only, and {text!r} is "
+                "not one; leave them out, or give a save_to_disk or Parquet folder or hfds/NAME."
+            )
         found = open_local(
             source, strict=strict, split=split, synthetic_count=synthetic_count, seed=seed
         )
